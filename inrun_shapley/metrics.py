@@ -1,0 +1,71 @@
+"""Evaluation metrics shared by the tests, the demo and the benchmarks.
+
+All functions take numpy arrays (or anything ``np.asarray`` accepts) and return floats or
+numpy arrays. Rank statistics use average ranks for ties.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import rankdata
+
+
+def pearson(x, y) -> float:
+    """Pearson correlation of two 1-D arrays; ``nan`` when either is constant."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"pearson: shapes differ: {x.shape} vs {y.shape}")
+    xc, yc = x - x.mean(), y - y.mean()
+    denom = np.sqrt((xc * xc).sum() * (yc * yc).sum())
+    return float((xc * yc).sum() / denom) if denom > 0 else float("nan")
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation (Pearson of average ranks) of two 1-D arrays."""
+    return pearson(rankdata(np.asarray(x).ravel()), rankdata(np.asarray(y).ravel()))
+
+
+def roc_auc(scores, positives) -> float:
+    """Area under the ROC curve of ``scores`` for the boolean labels ``positives``.
+
+    Higher scores should mean "more likely positive". Equivalent to the probability that a random
+    positive outranks a random negative (ties count one half).
+    """
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    positives = np.asarray(positives, dtype=bool).ravel()
+    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("roc_auc needs at least one positive and one negative label")
+    ranks = rankdata(scores)
+    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def linear_datamodeling_score(scores, subsets, outputs) -> float:
+    """Linear datamodeling score (LDS), averaged over queries.
+
+    Args:
+        scores: ``[n_train, n_queries]`` attribution scores; positive = including the training
+            sample raises the query output.
+        subsets: ``[n_models, n_train]`` boolean masks, the training subset of each retrained model.
+        outputs: ``[n_models, n_queries]`` measured query outputs (margin or loss) of each model.
+
+    Returns:
+        Mean over queries of the Spearman correlation, across models, between the predicted
+        output ``sum_{i in subset} scores[i, q]`` and the measured one.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    subsets = np.asarray(subsets, dtype=np.float64)
+    outputs = np.asarray(outputs, dtype=np.float64)
+    if scores.ndim != 2 or subsets.ndim != 2 or outputs.ndim != 2:
+        raise ValueError("LDS needs 2-D scores [n_train, Q], subsets [M, n_train], outputs [M, Q]")
+    if subsets.shape[1] != scores.shape[0] or outputs.shape != (subsets.shape[0], scores.shape[1]):
+        raise ValueError(
+            f"LDS shapes disagree: scores {scores.shape}, subsets {subsets.shape}, outputs {outputs.shape}"
+        )
+    predicted = subsets @ scores
+    per_query = [spearman(predicted[:, q], outputs[:, q]) for q in range(scores.shape[1])]
+    return float(np.nanmean(per_query))
+
+
+__all__ = ["pearson", "spearman", "roc_auc", "linear_datamodeling_score"]
