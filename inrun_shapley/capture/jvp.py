@@ -1,0 +1,97 @@
+"""Generic rule: forward-mode JVP of the module in the direction ``M``, dotted with ``b``.
+
+For any module ``y = f(a; theta)`` whose rows do not interact (row n of y depends only on row n
+of the inputs), ``<dL_n/dtheta, M> = <b_n, J_theta f(a_n) M>``: one forward-mode pass of the
+module on its captured inputs per direction, exact. The forward is replayed with the random
+state of the original call so dropout inside the module draws the same mask.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp
+
+from inrun_shapley.capture.registry import Capture, CaptureRule, register_rule, up
+
+
+def _replay_rng(state):
+    """Context that restores the captured RNG state for the replayed forward, then undoes it."""
+    devices = [torch.cuda.current_device()] if state and state[1] is not None else []
+    ctx = torch.random.fork_rng(devices=devices, enabled=state is not None)
+
+    class _Replay:
+        def __enter__(self):
+            ctx.__enter__()
+            if state is not None:
+                torch.set_rng_state(state[0])
+                if state[1] is not None:
+                    torch.cuda.set_rng_state(state[1])
+
+        def __exit__(self, *exc):
+            return ctx.__exit__(*exc)
+
+    return _Replay()
+
+
+def _tensor_outputs(out) -> list:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [o if isinstance(o, Tensor) else None for o in out]
+    raise TypeError(f"unsupported output type {type(out).__name__}")
+
+
+class JVPRule(CaptureRule):
+    """Fallback for modules with parameters and no dedicated rule (exact, one JVP per direction)."""
+
+    kind = "jvp"
+    needs_rng = True
+    reads_parameters = True
+
+    def dot(self, module: nn.Module, capture: Capture, directions: Mapping[str, Tensor], theta=None) -> Tensor:
+        params = {name: p.detach() for name, p in self.parameters(module).items()}
+        if theta is not None:  # linearize where the gradients were taken, not where the step went
+            params.update(theta)
+        n = next(a for a in capture.args if isinstance(a, Tensor)).shape[0]
+        q = next(iter(directions.values())).shape[0]
+        cols = []
+        for i in range(q):
+            tangents = {
+                name: (directions[name][i].to(p.dtype) if name in directions else torch.zeros_like(p))
+                for name, p in params.items()
+            }
+
+            def forward(theta):
+                return functional_call(module, theta, capture.args, capture.kwargs)
+
+            with _replay_rng(capture.rng_state):
+                _, out_tangent = jvp(forward, (params,), (tangents,))
+            col = torch.zeros(n, dtype=up(next(iter(directions.values()))).dtype, device=next(iter(params.values())).device)
+            for t, g in zip(_tensor_outputs(out_tangent), capture.grad_outputs):
+                if t is not None and g is not None:
+                    col = col + (up(t) * up(g)).reshape(n, -1).sum(1)
+            cols.append(col)
+        return torch.stack(cols, dim=1)
+
+
+JVP_RULE = JVPRule()
+
+
+@register_rule(nn.MultiheadAttention)
+class MultiheadAttentionRule(JVPRule):
+    """``nn.MultiheadAttention`` uses its ``out_proj`` weights functionally (the child's forward is
+    never called), so the rule owns the whole subtree and differentiates the module as one."""
+
+    kind = "attention-jvp"
+    owns_children = True
+
+    def check(self, module: nn.Module) -> str | None:
+        if not module.batch_first:
+            return (
+                "nn.MultiheadAttention with batch_first=False puts the sequence first; the tracker "
+                "needs the sample dimension first: construct it with batch_first=True"
+            )
+        return None

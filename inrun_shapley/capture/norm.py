@@ -1,0 +1,101 @@
+"""Capture rules for normalization layers with an elementwise affine: LayerNorm, RMSNorm,
+GroupNorm; and the refusal of BatchNorm in training mode (it couples the samples of a batch)."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from inrun_shapley.capture.registry import Capture, CaptureRule, project, register_rule, up
+
+
+def _affine_dot(x_hat: Tensor, b: Tensor, directions: Mapping[str, Tensor], n_affine_dims: int) -> Tensor:
+    """Dot products for ``y = x_hat * weight + bias`` with the affine on the last dims of x."""
+    n = b.shape[0]
+    affine_shape = b.shape[b.dim() - n_affine_dims :]
+    b_rows = b.reshape(n, -1, *affine_shape)
+    total = 0
+    if "weight" in directions:
+        total = total + project((b_rows * x_hat.reshape(b_rows.shape)).sum(1), directions["weight"])
+    if "bias" in directions:
+        total = total + project(b_rows.sum(1), directions["bias"])
+    return total
+
+
+@register_rule(nn.LayerNorm)
+class LayerNormRule(CaptureRule):
+    """Weight contribution ``sum_positions b ⊙ x̂`` with ``x̂`` the normalized input."""
+
+    kind = "layernorm"
+
+    def dot(self, module: nn.Module, capture: Capture, directions: Mapping[str, Tensor], theta=None) -> Tensor:
+        x = up(capture.args[0])
+        x_hat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+        return _affine_dot(x_hat, up(capture.grad_output), directions, len(module.normalized_shape))
+
+
+@register_rule(nn.RMSNorm)
+class RMSNormRule(CaptureRule):
+    """Weight contribution ``sum_positions b ⊙ x / rms(x)``."""
+
+    kind = "rmsnorm"
+
+    def dot(self, module: nn.Module, capture: Capture, directions: Mapping[str, Tensor], theta=None) -> Tensor:
+        x = up(capture.args[0])
+        x_hat = F.rms_norm(x, module.normalized_shape, None, module.eps)
+        return _affine_dot(x_hat, up(capture.grad_output), directions, len(module.normalized_shape))
+
+
+@register_rule(nn.GroupNorm)
+class GroupNormRule(CaptureRule):
+    """Per-channel affine on ``[N, C, *spatial]``: weight contribution ``sum_spatial b ⊙ x̂``."""
+
+    kind = "groupnorm"
+
+    def dot(self, module: nn.Module, capture: Capture, directions: Mapping[str, Tensor], theta=None) -> Tensor:
+        x = up(capture.args[0])
+        b = up(capture.grad_output)
+        n, c = x.shape[0], x.shape[1]
+        x_hat = F.group_norm(x, module.num_groups, None, None, module.eps).reshape(n, c, -1)
+        b = b.reshape(n, c, -1)
+        total = 0
+        if "weight" in directions:
+            total = total + project((b * x_hat).sum(-1), directions["weight"])
+        if "bias" in directions:
+            total = total + project(b.sum(-1), directions["bias"])
+        return total
+
+
+@register_rule(nn.modules.batchnorm._BatchNorm)
+class BatchNormRule(CaptureRule):
+    """BatchNorm in training mode normalizes with statistics of the whole batch, so one sample's
+    gradient depends on every other sample: there is no per-sample contribution to attribute.
+    In eval mode (running statistics) it is an ordinary per-sample affine map."""
+
+    kind = "batchnorm"
+
+    def check(self, module: nn.Module) -> str | None:
+        if module.training or module.running_mean is None:
+            return (
+                "BatchNorm in training mode couples the samples of a batch (batch statistics); "
+                "replace it with GroupNorm/LayerNorm, freeze it (requires_grad_(False) and .eval()), "
+                "or pass exclude=[...] with this module's name to leave its parameters out of the values"
+            )
+        return None
+
+    def dot(self, module: nn.Module, capture: Capture, directions: Mapping[str, Tensor], theta=None) -> Tensor:
+        x = up(capture.args[0])
+        b = up(capture.grad_output)
+        n, c = x.shape[0], x.shape[1]
+        mean = up(module.running_mean).view(1, c, *([1] * (x.dim() - 2)))
+        var = up(module.running_var).view(1, c, *([1] * (x.dim() - 2)))
+        x_hat = ((x - mean) / (var + module.eps).sqrt()).reshape(n, c, -1)
+        b = b.reshape(n, c, -1)
+        total = 0
+        if "weight" in directions:
+            total = total + project((b * x_hat).sum(-1), directions["weight"])
+        if "bias" in directions:
+            total = total + project(b.sum(-1), directions["bias"])
+        return total

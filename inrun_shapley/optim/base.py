@@ -1,0 +1,123 @@
+"""What an optimizer adapter returns, and the table of adapters keyed by optimizer class."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor
+
+from inrun_shapley.errors import UnsupportedOptimizerError
+
+
+@dataclass
+class StepTerms:
+    """The fixed-state linearization of one parameter's update (DESIGN.md §2).
+
+    With the optimizer state frozen, the update of the parameter when only the samples in S
+    contribute to the gradient is ``theta_next(S) - theta = drift + sum_{i in S} delta_i`` with
+    ``delta_i = -sign * lr * coeff * precond ⊙ c_i`` (``c_i`` = sample i's contribution to the
+    gradient the optimizer saw).
+
+    Attributes:
+        lr: learning rate of the parameter's group (float).
+        coeff: scalar ``k`` multiplying the gradient inside the update (Adam: ``(1-β1)/(1-β1^t)``;
+            SGD: 1, ``1-dampening`` with a momentum buffer, ``1+μ(1-dampening)`` with Nesterov).
+        sign: +1, or -1 with ``maximize=True``.
+        precond: elementwise preconditioner ``P`` (Adam: ``1/(sqrt(v_t/(1-β2^t)) + eps)``), or None
+            for 1.
+        drift: ``d0``, the part of the update that does not depend on this step's gradient
+            (momentum, weight decay); only computed when asked for (second order).
+        loo_precond: the diagonal Jacobian ``J`` of the real step with respect to the gradient,
+            including the second moment's dependence on it (leave-one-out estimator); None where it
+            equals ``coeff * precond``.
+    """
+
+    lr: float
+    coeff: float
+    sign: float = 1.0
+    precond: Tensor | None = None
+    drift: Tensor | None = None
+    loo_precond: Tensor | None = None
+
+
+class OptimizerAdapter(Protocol):
+    """One optimizer family's math, as two pure functions."""
+
+    name: str
+
+    def before_step(self, group: dict, state: dict) -> dict:
+        """Whatever the adapter needs from the state as it was before the step."""
+
+    def terms(
+        self,
+        grad: Tensor,
+        group: dict,
+        state: dict,
+        before: dict,
+        theta: Tensor | None,
+        need_drift: bool,
+        need_loo: bool,
+    ) -> StepTerms:
+        """Step terms from the gradient the optimizer used and its state after the step.
+
+        Args:
+            grad: the gradient the optimizer used (after unscaling and clipping), fp32.
+            group: the parameter's param group.
+            state: the optimizer state of the parameter after the step.
+            before: what :meth:`before_step` returned.
+            theta: the parameter before the step (fp32), given when ``need_drift``.
+            need_drift: compute ``drift`` (second order).
+            need_loo: compute ``loo_precond``.
+        """
+
+
+_ADAPTERS: dict[type, OptimizerAdapter] = {}
+
+
+def register_adapter(*optimizer_types: type) -> Callable:
+    """Class decorator registering an adapter for torch optimizer classes (MRO lookup)."""
+
+    def decorate(cls):
+        instance = cls()
+        for t in optimizer_types:
+            _ADAPTERS[t] = instance
+        return cls
+
+    return decorate
+
+
+def innermost_optimizer(optimizer) -> torch.optim.Optimizer:
+    """Unwrap framework wrappers (Lightning's ``LightningOptimizer``, Accelerate's
+    ``AcceleratedOptimizer``) down to the torch optimizer, through their public ``optimizer``
+    attribute."""
+    seen = 0
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer") and seen < 8:
+        optimizer = optimizer.optimizer
+        seen += 1
+    return optimizer
+
+
+def adapter_for(optimizer) -> OptimizerAdapter:
+    """The adapter for ``optimizer`` (wrappers unwrapped), or UnsupportedOptimizerError."""
+    inner = innermost_optimizer(optimizer)
+    for cls in type(inner).__mro__:
+        if cls in _ADAPTERS:
+            adapter = _ADAPTERS[cls]
+            for group in inner.param_groups:
+                problem = getattr(adapter, "check_group", lambda g: None)(group)
+                if problem:
+                    raise UnsupportedOptimizerError(f"{type(inner).__name__}: {problem}")
+            return adapter
+    supported = ", ".join(sorted({t.__name__ for t in _ADAPTERS}))
+    raise UnsupportedOptimizerError(
+        f"no In-Run Shapley adapter for optimizer {type(inner).__name__}; supported: {supported} "
+        "(torch.optim classes and their subclasses). Use one of them, or add an adapter with "
+        "inrun_shapley.optim.register_adapter."
+    )
+
+
+def as_float(x) -> float:
+    """Plain float from a float or a 0-d tensor (``lr``, ``step`` may be tensors)."""
+    return float(x.item()) if isinstance(x, Tensor) else float(x)

@@ -1,0 +1,200 @@
+"""The validation objective whose loss decrease defines a sample's value.
+
+``L_val(theta)`` is the mean of per-sample validation losses over the validation set, or over a
+random sample of it drawn anew each optimizer step (``sample_size``), which costs less per step
+and adds variance to each step's values. The same rows are used for everything computed at one
+step (gradient and, for second order, the Hessian-vector product): the sample is a pure function
+of (seed, step).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset, default_collate
+
+from inrun_shapley.capture.registry import up
+from inrun_shapley.errors import ConfigurationError, NonFiniteError
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+def _rows_of(batch) -> int:
+    if isinstance(batch, Tensor):
+        return batch.shape[0]
+    if isinstance(batch, dict):
+        return _rows_of(next(iter(batch.values())))
+    if isinstance(batch, (tuple, list)):
+        return _rows_of(batch[0])
+    raise ConfigurationError(f"cannot find the rows of a validation batch of type {type(batch).__name__}")
+
+
+def _take(batch, index: Tensor):
+    """Rows ``index`` of a batch structure (tensor, tuple/list or dict of tensors)."""
+    if isinstance(batch, Tensor):
+        return batch[index.to(batch.device)]
+    if isinstance(batch, dict):
+        return {k: _take(v, index) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_take(v, index) for v in batch)
+    return batch
+
+
+def move_to(batch, device: torch.device):
+    """Move every tensor of a batch structure to ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Put every submodule in eval mode, then restore each one's own flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+class ValidationObjective:
+    """Per-step validation loss for the tracker.
+
+    Args:
+        data: the validation set: a ``torch.utils.data.Dataset`` (rows collated with
+            ``collate_fn``), or one in-memory batch: a tensor, a tuple/list of tensors or a dict of
+            tensors sharing their first dimension.
+        loss_fn: ``loss_fn(model, batch) -> Tensor``: per-sample losses ``[m]`` (preferred) or their
+            mean (a scalar). Same convention as training: lower is better.
+        sample_size: rows drawn (without replacement) per optimizer step; None uses the whole set.
+        batch_size: rows per forward pass when going over the whole set.
+        seed: seed of the per-step sampling.
+        collate_fn: for Dataset inputs (default ``torch.utils.data.default_collate``).
+        use_eval_mode: run the validation pass with the model in eval mode (dropout off).
+    """
+
+    def __init__(
+        self,
+        data,
+        loss_fn: LossFn,
+        *,
+        sample_size: int | None = None,
+        batch_size: int = 256,
+        seed: int = 0,
+        collate_fn: Callable | None = None,
+        use_eval_mode: bool = True,
+    ):
+        if not callable(loss_fn):
+            raise ConfigurationError("val_loss_fn must be callable as loss_fn(model, batch) -> per-sample losses")
+        self.loss_fn = loss_fn
+        self.use_eval_mode = use_eval_mode
+        self.seed = seed
+        self.batch_size = int(batch_size)
+        if isinstance(data, Dataset) and not isinstance(data, (Tensor, tuple, list, dict)):
+            self._dataset, self._batch = data, None
+            self._n = len(data)
+            self._collate = collate_fn or default_collate
+        else:
+            self._dataset, self._batch = None, data
+            self._n = _rows_of(data)
+        if self._n == 0:
+            raise ConfigurationError("the validation set is empty")
+        if sample_size is not None and not (0 < sample_size <= self._n):
+            raise ConfigurationError(f"val_sample_size must be in 1..{self._n} (the validation set size), got {sample_size}")
+        self.sample_size = sample_size
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _rows(self, index: Tensor):
+        if self._batch is not None:
+            return _take(self._batch, index)
+        return self._collate([self._dataset[int(i)] for i in index])
+
+    def indices(self, step: int) -> Tensor:
+        """Row indices used at ``step`` (the whole set, or that step's sample)."""
+        if self.sample_size is None:
+            return torch.arange(self._n)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        return torch.randperm(self._n, generator=g)[: self.sample_size].sort().values
+
+    def chunks(self, step: int) -> Iterator[tuple[Any, int]]:
+        """``(batch, rows)`` pieces covering the rows of ``step``."""
+        idx = self.indices(step)
+        for start in range(0, len(idx), self.batch_size):
+            part = idx[start : start + self.batch_size]
+            yield self._rows(part), len(part)
+
+    def per_sample_losses(self, model: nn.Module, batch, device) -> Tensor:
+        """``loss_fn`` on one batch, checked: returns ``[m]`` or a scalar."""
+        losses = self.loss_fn(model, move_to(batch, device))
+        if not isinstance(losses, Tensor):
+            raise ConfigurationError(f"val_loss_fn must return a tensor, got {type(losses).__name__}")
+        if not torch.isfinite(losses.detach()).all():
+            raise NonFiniteError(
+                "the validation loss is NaN or infinite at this step; check val_loss_fn and the "
+                "model (a diverging run makes every value meaningless)"
+            )
+        return losses
+
+    def mean_loss(self, model: nn.Module, step: int, device) -> Iterator[Tensor]:
+        """Yields pieces of ``L_val`` (each already weighted) whose sum is the mean loss."""
+        total = len(self.indices(step))
+        for batch, rows in self.chunks(step):
+            losses = self.per_sample_losses(model, batch, device)
+            if losses.dim() == 0:
+                yield losses * (rows / total)
+            else:
+                if losses.shape[0] != rows:
+                    raise ConfigurationError(
+                        f"val_loss_fn returned {losses.shape[0]} losses for a batch of {rows} rows; "
+                        "return one loss per row (reduction='none') or a scalar mean"
+                    )
+                yield up(losses).sum() / total
+
+    def gradient(self, model: nn.Module, params: Sequence[Tensor], step: int, hvp_vectors: Sequence[Tensor] | None = None):
+        """Gradient of ``L_val`` at the current parameters, without touching ``.grad``.
+
+        Args:
+            model: the model (called through ``loss_fn``).
+            params: the parameters to differentiate with respect to.
+            step: the optimizer step (selects the sample).
+            hvp_vectors: if given (one tensor per param), also return the Hessian-vector product
+                ``H_val @ v`` (second order).
+
+        Returns:
+            list of gradients (fp32, zeros for unused params), and the HVP list or None.
+        """
+        device = params[0].device
+        grads = [up(torch.zeros_like(p)) for p in params]
+        hvps = [up(torch.zeros_like(p)) for p in params] if hvp_vectors is not None else None
+        ctx = eval_mode(model) if self.use_eval_mode else _null()
+        with ctx, torch.enable_grad():
+            for piece in self.mean_loss(model, step, device):
+                g = torch.autograd.grad(piece, params, allow_unused=True, create_graph=hvp_vectors is not None)
+                for acc, gi in zip(grads, g):
+                    if gi is not None:
+                        acc += gi.detach().to(acc.dtype)
+                if hvp_vectors is not None:
+                    used = [(i, gi) for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
+                    if used:
+                        dot = sum((gi * hvp_vectors[i].to(gi.dtype)).sum() for i, gi in used)
+                        h = torch.autograd.grad(dot, params, allow_unused=True)
+                        for acc, hi in zip(hvps, h):
+                            if hi is not None:
+                                acc += hi.to(acc.dtype)
+        return grads, hvps
+
+
+@contextmanager
+def _null():
+    yield
