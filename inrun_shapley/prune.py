@@ -1,0 +1,210 @@
+"""Pruning a training set with logged values: which sample ids to keep.
+
+Ids are dataset indices: the ids the engine logged are the indices the training ``Dataset`` is
+indexed with, so ``subset(dataset, prune(log, fraction=0.2))`` is the pruned dataset.
+
+Ranking uses :meth:`ShapleyLog.scores` with ``normalize="step_std"`` by default (per-step
+standardized sums; raw sums are dominated by the first epoch, DESIGN.md "Using values for
+selection"). Higher score = more valuable; the lowest-scored samples are dropped.
+
+Example:
+    >>> import numpy as np
+    >>> scores = np.array([0.3, -0.2, 0.1, np.nan, 0.0])   # id 3 was never seen
+    >>> prune(scores, fraction=0.5).tolist()                # drops 0.5 * 4 = 2 of the 4 seen ids
+    [0, 2, 3]
+    >>> prune(scores, drop_negative=True, unseen="drop").tolist()
+    [0, 2, 4]
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+
+from inrun_shapley.errors import ConfigurationError, SampleIdError
+from inrun_shapley.log import NORMALIZATIONS, ShapleyLog
+
+UNSEEN_POLICIES = ("keep", "drop")
+
+
+def _check_fraction(fraction: Any) -> float | None:
+    if fraction is None:
+        return None
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
+        raise ConfigurationError(f"fraction must be a number in [0, 1], got {fraction!r}")
+    value = float(fraction)
+    if not np.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ConfigurationError(f"fraction must be a number in [0, 1], got {fraction!r}")
+    return value
+
+
+def _scores_and_seen(log_or_scores: Any, normalize: str) -> tuple[np.ndarray, np.ndarray]:
+    if normalize not in NORMALIZATIONS:
+        raise ConfigurationError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    if isinstance(log_or_scores, ShapleyLog):
+        log = log_or_scores
+        return log.scores(normalize, query="mean"), log.seen.copy()
+    scores = np.asarray(log_or_scores)
+    if scores.ndim != 1 or not np.issubdtype(scores.dtype, np.number):
+        raise ConfigurationError(
+            f"scores must be a ShapleyLog or a 1-D numeric array indexed by id, got shape "
+            f"{scores.shape} dtype {scores.dtype}"
+        )
+    scores = scores.astype(np.float64)
+    if np.any(np.isinf(scores)):
+        raise ConfigurationError("scores contain inf; use NaN for ids never seen")
+    seen = ~np.isnan(scores)
+    return np.where(seen, scores, 0.0), seen
+
+
+def _lowest(ids: np.ndarray, scores: np.ndarray, n_drop: int) -> np.ndarray:
+    """The ``n_drop`` ids with the lowest score; ties dropped in ascending id order."""
+    if n_drop <= 0:
+        return ids[:0]
+    order = np.lexsort((ids, scores))
+    return ids[order[:n_drop]]
+
+
+def prune(
+    log_or_scores: ShapleyLog | np.ndarray,
+    *,
+    fraction: float | None = None,
+    drop_negative: bool = False,
+    keep_top: int | None = None,
+    normalize: str = "step_std",
+    labels: Any = None,
+    class_balanced: bool = False,
+    ids: Any = None,
+    unseen: str = "keep",
+) -> np.ndarray:
+    """Ids to keep after dropping the least valuable samples.
+
+    Candidates for dropping are the ids the log has seen; ids never seen are kept or dropped
+    as a block according to ``unseen`` (by default kept: no evidence against them).
+
+    Args:
+        log_or_scores: a :class:`ShapleyLog`, or a 1-D score array indexed by id (higher = more
+            valuable; NaN marks ids never seen). Per-query logs are ranked by the mean over
+            queries.
+        fraction: drop the ``floor(fraction * n + 0.5)`` (nearest, halves up) lowest-scored of
+            the ``n`` seen candidates (within each class when ``class_balanced``). 0 keeps
+            all, 1 drops every seen id.
+        drop_negative: also drop every seen id whose score is < 0 (harmful on balance).
+        keep_top: keep only the ``keep_top`` highest-scored seen ids (exclusive with
+            ``fraction``).
+        normalize: ``"step_std"`` (recommended), ``"none"`` or ``"mean"``; see
+            :meth:`ShapleyLog.scores`. Ignored for score arrays.
+        labels: ``[>= n_ids]`` class label per id (indexed by id), for ``class_balanced``.
+        class_balanced: apply ``fraction`` / ``keep_top`` within each class
+            (``keep_top`` then keeps that many per class).
+        ids: the full set of dataset ids (array), or an int ``n`` for ``range(n)``. Without it
+            the universe is ``range(len(scores))``, so ids above the log's largest id are not
+            returned: pass ``ids=len(dataset)`` to keep never-seen ids beyond it.
+        unseen: ``"keep"`` or ``"drop"`` the ids never seen by the log.
+
+    Returns:
+        Sorted int64 array of the ids to keep.
+
+    Raises:
+        ConfigurationError: bad ``fraction``, ``keep_top``, ``normalize``, ``unseen``, no
+            pruning rule given, or ``class_balanced`` without usable ``labels``.
+        SampleIdError: negative or duplicated ``ids``.
+    """
+    frac = _check_fraction(fraction)
+    if keep_top is not None and (
+        isinstance(keep_top, bool) or not isinstance(keep_top, numbers.Integral) or keep_top < 0
+    ):
+        raise ConfigurationError(f"keep_top must be an int >= 0, got {keep_top!r}")
+    if frac is not None and keep_top is not None:
+        raise ConfigurationError("pass either fraction or keep_top, not both")
+    if frac is None and keep_top is None and not drop_negative:
+        raise ConfigurationError("nothing to prune: pass fraction, keep_top or drop_negative=True")
+    if unseen not in UNSEEN_POLICIES:
+        raise ConfigurationError(f"unseen must be one of {UNSEEN_POLICIES}, got {unseen!r}")
+
+    scores, seen = _scores_and_seen(log_or_scores, normalize)
+    n_scored = scores.shape[0]
+    if ids is None:
+        universe = np.arange(n_scored, dtype=np.int64)
+    elif isinstance(ids, numbers.Integral) and not isinstance(ids, bool):
+        if ids < 0:
+            raise SampleIdError(f"ids must be a count >= 0 or an array of ids, got {ids!r}")
+        universe = np.arange(int(ids), dtype=np.int64)
+    else:
+        universe = np.asarray(ids)
+        if universe.ndim != 1 or (universe.size and not np.issubdtype(universe.dtype, np.integer)):
+            raise SampleIdError(f"ids must be a 1-D integer array, got shape {universe.shape}")
+        universe = universe.astype(np.int64)
+        if universe.size and universe.min() < 0:
+            raise SampleIdError("ids must be non-negative dataset indices")
+        if np.unique(universe).shape[0] != universe.shape[0]:
+            raise SampleIdError("ids contain duplicates")
+
+    in_range = universe < n_scored
+    is_seen = np.zeros(universe.shape[0], dtype=bool)
+    is_seen[in_range] = seen[universe[in_range]]
+    cand = universe[is_seen]
+    cand_scores = scores[cand]
+
+    drop_mask = np.zeros(cand.shape[0], dtype=bool)
+    if drop_negative:
+        drop_mask |= cand_scores < 0
+
+    if frac is not None or keep_top is not None:
+        if class_balanced:
+            if labels is None:
+                raise ConfigurationError("class_balanced=True needs labels (indexed by id)")
+            lab = np.asarray(labels)
+            if lab.ndim != 1:
+                raise ConfigurationError(f"labels must be 1-D indexed by id, got shape {lab.shape}")
+            if cand.size and lab.shape[0] <= cand.max():
+                raise ConfigurationError(
+                    f"labels has {lab.shape[0]} entries but ids up to {int(cand.max())} are scored"
+                )
+            cand_labels = lab[cand]
+            groups = [np.flatnonzero(cand_labels == c) for c in np.unique(cand_labels)]
+        else:
+            groups = [np.arange(cand.shape[0])]
+        for idx in groups:
+            n = idx.shape[0]
+            n_drop = int(np.floor(frac * n + 0.5)) if frac is not None else max(n - keep_top, 0)
+            dropped = _lowest(cand[idx], cand_scores[idx], n_drop)
+            drop_mask[idx] |= np.isin(cand[idx], dropped)
+    elif class_balanced:
+        raise ConfigurationError("class_balanced applies to fraction or keep_top; pass one of them")
+
+    keep = [cand[~drop_mask]]
+    if unseen == "keep":
+        keep.append(universe[~is_seen])
+    return np.sort(np.concatenate(keep)).astype(np.int64)
+
+
+def subset(dataset: Any, keep_ids: Any):
+    """The pruned dataset: ``torch.utils.data.Subset(dataset, keep_ids)``.
+
+    Args:
+        dataset: a map-style dataset whose indices are the logged sample ids.
+        keep_ids: ids to keep, e.g. from :func:`prune`.
+
+    Returns:
+        A ``torch.utils.data.Subset`` over ``keep_ids`` in the given order.
+
+    Raises:
+        SampleIdError: an id is negative or not below ``len(dataset)``.
+    """
+    from torch.utils.data import Subset
+
+    keep = np.asarray(keep_ids, dtype=np.int64).ravel()
+    if keep.size:
+        n = len(dataset) if hasattr(dataset, "__len__") else None
+        if keep.min() < 0 or (n is not None and keep.max() >= n):
+            raise SampleIdError(
+                f"keep_ids must be indices of the dataset in [0, {n}); got range "
+                f"[{int(keep.min())}, {int(keep.max())}]"
+            )
+    return Subset(dataset, keep.tolist())
+
+
+__all__ = ["prune", "subset", "UNSEEN_POLICIES"]
