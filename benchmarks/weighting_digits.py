@@ -1,0 +1,164 @@
+"""LDS of gradient-similarity attribution with uniform vs learned parameter-group weights.
+
+Self-contained linear-datamodeling setup on scikit-learn's digits (no download), since
+``benchmarks/lds_harness.py`` did not exist when this was written:
+
+* pool of 600 training samples, 50 LDS query samples and 100 separate "fit" query samples,
+  all drawn from the 1,797 digits with the seed;
+* a 64-32-32-10 tanh MLP trained with Adam (lr 3e-3, batch 32, 20 epochs, same initialization
+  and the same batch-order generator for every model of one seed);
+* reference model trained on the full pool, with 10 checkpoints (end of every 2nd epoch) and
+  Adam's preconditioner ``1/(sqrt(v̂)+ε)`` at each;
+* M models retrained on random α = 0.5 subsets; measured output = query margin
+  ``logit_y − logsumexp(other logits)``;
+* scores: per-tensor group components of the TracIn-style dot product (query side: gradient of
+  −margin, so positive = raises the margin), plain and Adam-preconditioned; weights uniform,
+  fitted on the separate fit queries, or fitted on the LDS queries themselves (the objective
+  is label-free, it never sees the retrained models). Default ``FitConfig`` (8 restarts, the
+  lowest objective wins; nothing tuned on LDS).
+
+Run:  python benchmarks/weighting_digits.py [--seeds 0 1 2] [--models 100] [--plot out.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.nn import functional as F
+
+from inrun_shapley.metrics import linear_datamodeling_score
+from inrun_shapley.weighting import (
+    FitConfig,
+    GroupWeights,
+    adam_preconditioner,
+    compute_group_components,
+    fit_weights,
+    plot_group_weights,
+    reweigh,
+)
+
+N_POOL, N_LDS, N_FIT = 600, 50, 100
+EPOCHS, BATCH, LR, CKPT_EVERY = 20, 32, 3e-3, 2
+
+
+def make_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 10))
+
+
+def train(x, y, seed: int, record: bool = False):
+    """Train one model; with ``record`` also return checkpoints and Adam preconditioners."""
+    model = make_model(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    gen = torch.Generator().manual_seed(seed + 1)
+    ckpts, preconds = [], []
+    for epoch in range(EPOCHS):
+        order = torch.randperm(len(x), generator=gen)
+        for s in range(0, len(x), BATCH):
+            idx = order[s : s + BATCH]
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+        if record and (epoch + 1) % CKPT_EVERY == 0:
+            ckpts.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            preconds.append(adam_preconditioner(opt, model))
+    return (model, ckpts, preconds) if record else model
+
+
+def margin(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    correct = outputs.gather(1, y[:, None]).squeeze(1)
+    mask = torch.arange(outputs.shape[1], device=outputs.device) == y[:, None]  # vmap-safe one-hot
+    others = outputs.masked_fill(mask, float("-inf"))
+    return correct - torch.logsumexp(others, dim=1)
+
+
+def neg_margin_loss(outputs, y):
+    return -margin(outputs, y).sum()
+
+
+def run_seed(seed: int, n_models: int, plot: str | None):
+    digits = load_digits()
+    x_all = torch.tensor(digits.data / 16.0, dtype=torch.float32)
+    y_all = torch.tensor(digits.target, dtype=torch.long)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(x_all))
+    pool, lds_q, fit_q = perm[:N_POOL], perm[N_POOL : N_POOL + N_LDS], perm[N_POOL + N_LDS : N_POOL + N_LDS + N_FIT]
+    x, y = x_all[pool], y_all[pool]
+    xq, yq = x_all[lds_q], y_all[lds_q]
+    xf, yf = x_all[fit_q], y_all[fit_q]
+
+    t0 = time.perf_counter()
+    subsets = np.zeros((n_models, N_POOL), dtype=bool)
+    outputs = np.zeros((n_models, N_LDS))
+    for m in range(n_models):
+        subsets[m, rng.choice(N_POOL, N_POOL // 2, replace=False)] = True
+        idx = torch.from_numpy(np.flatnonzero(subsets[m]))
+        model = train(x[idx], y[idx], seed=1000 * seed)
+        with torch.no_grad():
+            outputs[m] = margin(model(xq), yq).numpy()
+    t_retrain = time.perf_counter() - t0
+
+    ref, ckpts, preconds = train(x, y, seed=1000 * seed, record=True)
+    lrs = [LR] * len(ckpts)
+    results, timings, learned = {}, {}, {}
+    for base, pc in (("grad_dot", None), ("grad_dot+adam", preconds)):
+        t1 = time.perf_counter()
+        common = dict(checkpoints=ckpts, lrs=lrs, preconditioner=pc, query_loss_fn=neg_margin_loss, batch_size=200)
+        comps_lds = compute_group_components(ref, F.cross_entropy, (x, y), (xq, yq), "tensor", **common)
+        comps_fit = compute_group_components(ref, F.cross_entropy, (x, y), (xf, yf), "tensor", **common)
+        t2 = time.perf_counter()
+        w_fit = fit_weights(comps_fit, FitConfig(seed=seed), aspect=f"{base} (fit queries)")
+        w_self = fit_weights(comps_lds, FitConfig(seed=seed), aspect=f"{base} (LDS queries)")
+        t3 = time.perf_counter()
+        timings[base] = (t2 - t1, (t3 - t2) / 2)
+        learned[base] = w_fit
+        results[(base, "weights fitted on LDS queries")] = w_self
+        for label, w in (
+            ("uniform", GroupWeights.uniform(comps_lds.group_names)),
+            ("learned/fit-queries", w_fit),
+            ("learned/LDS-queries", w_self),
+        ):
+            results[(base, label)] = linear_datamodeling_score(reweigh(comps_lds, w), subsets, outputs)
+        results[(base, "objective uniform->fitted")] = (w_fit.fit_info["uniform_objective"], w_fit.objective_trace.min())
+    if plot:
+        plot_group_weights({k: v for k, v in learned.items()}, plot.replace(".png", f"_seed{seed}.png"))
+    return results, learned, t_retrain, timings
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--models", type=int, default=100, help="retrained subset models per seed")
+    parser.add_argument("--plot", default=None, help="write weight bar plots to this PNG path (per seed)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    table: dict = {}
+    for seed in args.seeds:
+        results, learned, t_retrain, timings = run_seed(seed, args.models, args.plot)
+        print(f"\n=== seed {seed}: {args.models} retrained models in {t_retrain:.1f}s")
+        for base, (tc, tf) in timings.items():
+            print(f"{base}: components {tc:.2f}s (fit + LDS queries), one fit {tf:.2f}s")
+            print(learned[base].table())
+        for key, val in results.items():
+            if isinstance(val, GroupWeights):
+                print(f"  {key[0]:<14} {key[1]:<28} " + " ".join(f"{g}={w:.3f}" for g, w in val.as_dict().items()))
+            elif isinstance(val, tuple):
+                print(f"  {key[0]:<14} {key[1]:<28} {val[0]:.4f} -> {val[1]:.4f}")
+            else:
+                print(f"  {key[0]:<14} {key[1]:<28} LDS {val:.4f}")
+                table.setdefault(key, []).append(val)
+
+    print(f"\n=== LDS, mean ± std over seeds {args.seeds} (M={args.models}, per-tensor groups)")
+    for (base, label), vals in table.items():
+        print(f"  {base:<14} {label:<22} {np.mean(vals):.4f} ± {np.std(vals):.4f}   "
+              + " ".join(f"{v:.4f}" for v in vals))
+
+
+if __name__ == "__main__":
+    main()
