@@ -3,7 +3,8 @@
 For any module ``y = f(a; theta)`` whose rows do not interact (row n of y depends only on row n
 of the inputs), ``<dL_n/dtheta, M> = <b_n, J_theta f(a_n) M>``: one forward-mode pass of the
 module on its captured inputs per direction, exact. The forward is replayed with the random
-state of the original call so dropout inside the module draws the same mask.
+state of the original call so dropout inside the module draws the same mask, and with
+scaled-dot-product attention on its math kernel (the fused kernels have no forward-mode rule).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from inrun_shapley.capture.registry import Capture, CaptureRule, register_rule, up
 
@@ -64,14 +66,20 @@ class JVPRule(CaptureRule):
                 for name, p in params.items()
             }
 
-            def forward(theta):
-                return functional_call(module, theta, capture.args, capture.kwargs)
+            slots: list[int] = []
 
-            with _replay_rng(capture.rng_state):
-                _, out_tangent = jvp(forward, (params,), (tangents,))
+            def forward(theta):
+                outs = _tensor_outputs(functional_call(module, theta, capture.args, capture.kwargs))
+                slots[:] = [k for k, o in enumerate(outs) if o is not None]
+                return tuple(outs[k] for k in slots)  # jvp takes tensor outputs only
+
+            # the fused attention kernels have no forward-mode derivative: replay with the math one
+            with _replay_rng(capture.rng_state), sdpa_kernel([SDPBackend.MATH]):
+                _, out_tangents = jvp(forward, (params,), (tangents,))
             col = torch.zeros(n, dtype=up(next(iter(directions.values()))).dtype, device=next(iter(params.values())).device)
-            for t, g in zip(_tensor_outputs(out_tangent), capture.grad_outputs):
-                if t is not None and g is not None:
+            for k, t in zip(slots, out_tangents):
+                g = capture.grad_outputs[k] if k < len(capture.grad_outputs) else None
+                if g is not None:
                     col = col + (up(t) * up(g)).reshape(n, -1).sum(1)
             cols.append(col)
         return torch.stack(cols, dim=1)
