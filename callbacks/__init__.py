@@ -1,1 +1,20 @@
-"""Framework adapters: Lightning ``ShapleyCallback`` and Accelerate ``ShapleyHook``."""
+"""Framework adapters: Lightning ``ShapleyCallback`` and Accelerate ``ShapleyHook``.
+
+Each is imported on first use, so using one framework never imports the other.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ShapleyCallback", "ShapleyHook"]
+
+
+def __getattr__(name: str):
+    if name == "ShapleyCallback":
+        from inrun_shapley.callbacks.lightning import ShapleyCallback
+
+        return ShapleyCallback
+    if name == "ShapleyHook":
+        from inrun_shapley.callbacks.accelerate import ShapleyHook
+
+        return ShapleyHook
+    raise AttributeError(f"module 'inrun_shapley.callbacks' has no attribute {name!r}")

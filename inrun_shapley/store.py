@@ -8,6 +8,7 @@ loss), and optionally the values split over parameter groups.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 class InMemoryValues:
@@ -83,15 +84,18 @@ class InMemoryValues:
         }
 
     def state_dict(self) -> dict:
+        """Torch tensors and plain Python values only, so checkpoints load with ``weights_only=True``."""
+        tensor = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
         return {
-            "sum": self._sum.copy(), "count": self._count.copy(), "last_step": self.last_step,
-            "group_sum": None if self._group_sum is None else self._group_sum.copy(),
-            "group_names": self.group_names, "records": list(self.records),
+            "sum": tensor(self._sum), "count": tensor(self._count), "last_step": self.last_step,
+            "group_sum": tensor(self._group_sum), "group_names": self.group_names,
+            "records": [(s, tensor(i), tensor(v)) for s, i, v in self.records],
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self._sum, self._count = np.asarray(state["sum"]), np.asarray(state["count"])
+        array = lambda a: None if a is None else np.asarray(a.numpy() if isinstance(a, torch.Tensor) else a)  # noqa: E731
+        self._sum, self._count = array(state["sum"]).astype(np.float64), array(state["count"]).astype(np.int64)
         self.last_step = int(state["last_step"])
-        self._group_sum = None if state.get("group_sum") is None else np.asarray(state["group_sum"])
+        self._group_sum = array(state.get("group_sum"))
         self.group_names = state.get("group_names")
-        self.records = list(state.get("records", []))
+        self.records = [(int(s), array(i), array(v)) for s, i, v in state.get("records", [])]

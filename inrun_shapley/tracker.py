@@ -121,7 +121,8 @@ class ShapleyTracker:
         world_size: number of data-parallel ranks averaging gradients (default: the initialized
             ``torch.distributed`` world size, else 1).
         sink: an extra receiver of per-step values with ``add_step(step, ids, values,
-            group_values=None, group_names=None)`` (e.g. the on-disk log writer).
+            group_values=None)`` (e.g. :class:`inrun_shapley.log.ShapleyLogWriter`, created with
+            ``group_names=tracker.group_names`` when ``group_values``).
 
     Raises:
         UnsupportedOptimizerError: the optimizer has no adapter.
@@ -330,8 +331,11 @@ class ShapleyTracker:
 
     def end_batch(self) -> None:
         """Mark the end of the open (micro-)batch; it is scored at the next optimizer step."""
-        if self._open is not None and not self._open_consumed:
-            self._pending.append(self._open)
+        mb = self._open
+        if mb is not None and not self._open_consumed:
+            if any(c.complete for caps in mb.captures.values() for c in caps):
+                self._pending.append(mb)
+            # else: no gradient reached any tracked layer (no backward, or the loss was skipped)
         self._open = None
 
     def new_accumulation_window(self) -> None:
@@ -473,7 +477,7 @@ class ShapleyTracker:
         names = list(self._modules) if groups is not None else None
         self.store.add_step(self.step, ids, values, groups, names)
         if self.sink is not None:
-            self.sink.add_step(self.step, ids, values, group_values=groups, group_names=names)
+            self.sink.add_step(self.step, ids, values, group_values=groups)
         self._pending.clear()
         self._consume_open()
         self._grad_sq_after_backward = None

@@ -11,12 +11,47 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = dict(re.findall(r"<!-- readme-test: (\w+) -->\s*```python\n(.*?)```", README.read_text(), re.S))
 
 
+# The user's own objects that the Lightning/Accelerate snippets assume (train_set, val_set, a
+# LightningModule reading dict batches, a model, its optimizer and loss).
+PREAMBLE = """
+import torch, torch.nn.functional as F
+import lightning.pytorch as pl
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+g = torch.Generator().manual_seed(0)
+x, y = torch.randn(96, 8, generator=g), torch.randint(0, 3, (96,), generator=g)
+train_set, val_set = TensorDataset(x[:64], y[:64]), (x[64:], y[64:])
+
+class Module(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    def forward(self, x):
+        return self.net(x)
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch["input"]), batch["target"])
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+module = Module()
+model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+loss_fn = F.cross_entropy
+"""
+
+
 def test_readme_has_its_examples():
-    assert "plain" in BLOCKS
+    assert {"plain", "lightning", "accelerate"} <= set(BLOCKS)
 
 
 @pytest.mark.parametrize("name", sorted(BLOCKS))
 def test_readme_example_runs(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__readme__"}
+    if name != "plain":
+        exec(PREAMBLE, namespace)
+    if name == "accelerate":  # its snippet follows the Lightning one in the README
+        exec("from torch.utils.data import DataLoader\nfrom inrun_shapley import IndexedDataset", namespace)
     exec(compile(BLOCKS[name], f"README:{name}", "exec"), namespace)
+    if name == "lightning":
+        assert (tmp_path / "shapley_log" / "meta.json").exists()

@@ -92,10 +92,11 @@ def innermost_optimizer(optimizer) -> torch.optim.Optimizer:
     """Unwrap framework wrappers (Lightning's ``LightningOptimizer``, Accelerate's
     ``AcceleratedOptimizer``) down to the torch optimizer, through their public ``optimizer``
     attribute."""
-    seen = 0
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer") and seen < 8:
-        optimizer = optimizer.optimizer
-        seen += 1
+    for _ in range(8):  # AcceleratedOptimizer is itself an Optimizer subclass: unwrap on the attribute
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer or not hasattr(inner, "param_groups"):
+            break
+        optimizer = inner
     return optimizer
 
 

@@ -1,0 +1,143 @@
+"""Lightning adapter: ``ShapleyCallback``, In-Run Shapley values with no change to the module."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import numpy as np
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from inrun_shapley.errors import ConfigurationError
+from inrun_shapley.integration import ShapleyConfig, merge_across_ranks, sample_ids
+from inrun_shapley.store import InMemoryValues
+
+
+class ShapleyCallback(Callback):
+    """Compute every training sample's In-Run Shapley value during ``Trainer.fit``.
+
+    The LightningModule stays as it is: its ``training_step`` returns a loss (tensor or dict).
+    Sample ids come from the batch: ``batch["index"]`` by default (wrap the training dataset with
+    :class:`inrun_shapley.IndexedDataset`), or ``ids_fn(batch)``. Works with gradient accumulation,
+    gradient clipping, mixed precision (steps skipped by the scaler get no values), several
+    parameter groups, LR schedulers, DDP (each rank scores its own samples; values are merged at
+    the end of training) and resuming from a checkpoint (the callback's state is saved in it).
+
+    Args:
+        val_data: the validation set: a ``Dataset`` or one batch (tensor, tuple or dict of tensors).
+        val_loss_fn: ``fn(module, batch) -> per-row losses``. Default:
+            :func:`inrun_shapley.integration.default_loss` (cross-entropy for integer targets, MSE
+            otherwise, on ``module(input)``).
+        ids_fn: ``fn(batch) -> sample ids`` (default: ``batch[ids_key]``).
+        ids_key: dict key holding the ids (default ``"index"``).
+        log_dir: also write the values to this value log (see ``inrun_shapley.log``).
+        **options: ``estimator``, ``order``, ``val_sample_size``, ``val_batch_size``, ``seed``,
+            ``group_values``, ``record_steps``, ``exclude``, ``strict``, ``flush_every``: as in
+            :class:`inrun_shapley.ShapleyTracker`.
+
+    Raises:
+        ConfigurationError: invalid options (at construction) or more than one optimizer.
+        UnsupportedOptimizerError, UnsupportedModuleError: at the start of ``fit``.
+        SampleIdError: at the first batch without ids.
+
+    Example::
+
+        trainer = Trainer(callbacks=[ShapleyCallback(val_data=val_set)])
+        trainer.fit(module, DataLoader(IndexedDataset(train_set), batch_size=32))
+        values = trainer.callbacks[0].values      # numpy, indexed by sample id
+    """
+
+    def __init__(self, val_data, val_loss_fn: Callable | None = None, *, ids_fn: Callable | None = None,
+                 ids_key: str = "index", log_dir=None, **options: Any):
+        self.config = ShapleyConfig(val_data=val_data, val_loss_fn=val_loss_fn, log_dir=log_dir, **options)
+        self.ids_fn, self.ids_key = ids_fn, ids_key
+        self.tracker = None
+        self.writer = None
+        self._restored: dict | None = None
+        self._merged: InMemoryValues | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(estimator=self.config.estimator, order=self.config.order)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            raise ConfigurationError(
+                f"ShapleyCallback supports one optimizer; configure_optimizers returned {len(trainer.optimizers)}"
+            )
+        self.tracker, self.writer = self.config.build(
+            pl_module, trainer.optimizers[0], world_size=trainer.world_size, rank=trainer.global_rank,
+            resume=self._restored is not None,
+        )
+        if self._restored is not None:
+            self.tracker.load_state_dict(self._restored)
+        self._merged = None
+
+    @override
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self.tracker.begin_batch(sample_ids(batch, self.ids_fn, self.ids_key))
+
+    @override
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self.tracker.after_backward()
+
+    @override
+    def on_before_zero_grad(self, trainer, pl_module, optimizer) -> None:
+        self.tracker.new_accumulation_window()
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self.tracker.end_batch()
+
+    @override
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self.writer is not None:
+            self.writer.flush()  # the log is never behind a checkpoint
+
+    @override
+    def state_dict(self) -> dict:
+        return {} if self.tracker is None else self.tracker.state_dict()
+
+    @override
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored = state_dict or None
+
+    @override
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._merged = merge_across_ranks(self.tracker.store)
+        if self.writer is not None:
+            self.writer.flush()
+
+    @override
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self.tracker is not None:
+            self.tracker.detach()
+
+    # ----------------------------------------------------------------- results
+    def _store(self) -> InMemoryValues:
+        if self._merged is not None:
+            return self._merged
+        if self.tracker is None:
+            raise ConfigurationError("no values yet: the callback has not been used in Trainer.fit")
+        return self.tracker.store
+
+    @property
+    def values(self) -> np.ndarray:
+        """``[max_id + 1]`` run values per sample id (all ranks merged after training)."""
+        return self._store().values
+
+    @property
+    def counts(self) -> np.ndarray:
+        """``[max_id + 1]`` number of optimizer steps each sample took part in."""
+        return self._store().counts
+
+    @property
+    def group_values(self):
+        """``[max_id + 1, G]`` values per tracked module (with ``group_values=True``), or None."""
+        return self._store().group_values

@@ -1,0 +1,87 @@
+"""A small shared training setup for the framework-adapter tests (also run as DDP scripts)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from inrun_shapley import IndexedDataset, ShapleyTracker
+
+N_TRAIN, N_VAL, D, C = 32, 12, 6, 3
+
+
+def data():
+    g = torch.Generator().manual_seed(123)
+    w = torch.randn(D, C, generator=g)
+    x = torch.randn(N_TRAIN + N_VAL, D, generator=g)
+    y = (x @ w + 0.3 * torch.randn(N_TRAIN + N_VAL, C, generator=g)).argmax(1)
+    train = TensorDataset(x[:N_TRAIN], y[:N_TRAIN])
+    val = (x[N_TRAIN:], y[N_TRAIN:])
+    return train, val
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(D, 16), nn.Tanh(), nn.LayerNorm(16), nn.Linear(16, C))
+
+
+def make_optimizer(params, lr=1e-2):
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+
+
+def plain_values(batch_size=8, epochs=2, accumulate=1, clip=None, **tracker_options):
+    """The reference: a plain PyTorch loop with ShapleyTracker, sequential batches."""
+    train, val = data()
+    model = make_model()
+    opt = make_optimizer(model.parameters())
+    tr = ShapleyTracker(
+        model, opt, val_data=val,
+        val_loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"), **tracker_options,
+    )
+    loader = DataLoader(IndexedDataset(train), batch_size=batch_size, shuffle=False)
+    for _ in range(epochs):
+        for i, batch in enumerate(loader):
+            with tr.batch(batch["index"]):
+                (F.cross_entropy(model(batch["input"]), batch["target"]) / accumulate).backward()
+            if (i + 1) % accumulate == 0:
+                if clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                opt.step()
+                opt.zero_grad()
+    tr.detach()
+    return tr.values, tr.counts
+
+
+def lightning_module_class():
+    import lightning.pytorch as pl
+
+    class Classifier(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = make_model()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self(batch["input"]), batch["target"])
+
+        def configure_optimizers(self):
+            return make_optimizer(self.parameters())
+
+    return Classifier
+
+
+def trainer_kwargs(**kw):
+    base = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, max_epochs=2)
+    base.update(kw)
+    return base
+
+
+def close(a, b, rtol=1e-5):
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return a.shape == b.shape and float(np.abs(a - b).max()) <= rtol * float(np.abs(b).max())
