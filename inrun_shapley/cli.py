@@ -237,11 +237,41 @@ def _report_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="inrun_shapley_demo", help="output folder (plots, logs, summary.json)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one full run per seed")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 12)")
+    p.add_argument("--flip", type=float, default=0.2, help="fraction of training labels flipped")
+    p.add_argument("--quick", action="store_true", help="tiny run for smoke tests (2 epochs)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _demo_run(args: argparse.Namespace) -> int:
+    from inrun_shapley.demo import DemoConfig, run_demo
+
+    if not 0.0 < args.flip < 1.0:
+        raise _UsageError(f"--flip must be between 0 and 1, got {args.flip}")
+    cfg = DemoConfig(seeds=tuple(args.seeds), flip=args.flip, progress=not args.no_progress)
+    if args.quick:
+        cfg.epochs, cfg.fractions = 2, (0.2,)
+    if args.epochs is not None:
+        if args.epochs < 1:
+            raise _UsageError(f"--epochs must be >= 1, got {args.epochs}")
+        cfg.epochs = args.epochs
+    run_demo(args.out, cfg)
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 # table and entry point
 # --------------------------------------------------------------------------------------------
 
 COMMANDS: dict[str, Command] = {
+    "demo": Command(
+        "train on digits with 20% flipped labels, find them with in-run values, prune, retrain",
+        _demo_arguments,
+        _demo_run,
+    ),
     "prune": Command(
         "write the ids to keep after dropping the lowest-valued samples",
         _prune_arguments,

@@ -18,6 +18,7 @@ the values of one step sum to the linear part of that step's validation-loss cha
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,6 +43,13 @@ from inrun_shapley.store import InMemoryValues
 from inrun_shapley.validation import ValidationObjective
 
 ESTIMATORS = ("shapley", "loo", "sgd")
+
+
+class _Suspension(threading.local):
+    depth = 0
+
+
+_SUSPENDED = _Suspension()
 
 
 @dataclass
@@ -200,7 +208,6 @@ class ShapleyTracker:
         self._open: _MicroBatch | None = None
         self._open_consumed = False
         self._pending: list[_MicroBatch] = []
-        self._suspended = 0
         self._grad_sq_after_backward: float | None = None
         self._warned_no_backward_signal = False
         self._val_grads: list[Tensor] | None = None
@@ -366,15 +373,17 @@ class ShapleyTracker:
 
     # ---------------------------------------------------------------- hooks
     def _capturing(self) -> bool:
-        return self._open is not None and self._suspended == 0 and torch.is_grad_enabled()
+        return self._open is not None and _SUSPENDED.depth == 0 and torch.is_grad_enabled()
 
     @contextmanager
     def _suspend(self):
-        self._suspended += 1
+        """No tracker captures while any tracker runs its own passes (validation, replays):
+        several trackers may watch the same model (e.g. two estimators side by side)."""
+        _SUSPENDED.depth += 1
         try:
             yield
         finally:
-            self._suspended -= 1
+            _SUSPENDED.depth -= 1
 
     def _save_rng(self, name: str, module, args) -> None:
         if self._capturing():
