@@ -27,11 +27,13 @@ class InMemoryValues:
         self.records: list[tuple[int, np.ndarray, np.ndarray]] = []
         self.last_step = 0
 
-    def _grow(self, max_id: int) -> None:
+    def _grow(self, max_id: int, width: tuple = ()) -> None:
+        if len(self._sum) == 0 and self._sum.shape[1:] != width:
+            self._sum = np.zeros((0, *width))
         if max_id < len(self._sum):
             return
         size = max(max_id + 1, 2 * len(self._sum))
-        self._sum = np.concatenate([self._sum, np.zeros(size - len(self._sum))])
+        self._sum = np.concatenate([self._sum, np.zeros((size - len(self._sum), *self._sum.shape[1:]))])
         self._count = np.concatenate([self._count, np.zeros(size - len(self._count), dtype=np.int64)])
         if self._group_sum is not None:
             pad = np.zeros((size - self._group_sum.shape[0], self._group_sum.shape[1]))
@@ -39,10 +41,11 @@ class InMemoryValues:
 
     def add_step(self, step: int, ids: np.ndarray, values: np.ndarray, group_values: np.ndarray | None = None,
                  group_names: list[str] | None = None) -> None:
-        """Add one optimizer step: ``ids [n]`` int64, ``values [n]``, ``group_values [n, G]``."""
+        """Add one optimizer step: ``ids [n]`` int64, ``values [n]`` (or ``[n, Q]`` per query),
+        ``group_values [n, G]``."""
         ids = np.asarray(ids, dtype=np.int64)
         values = np.asarray(values, dtype=np.float64)
-        self._grow(int(ids.max()))
+        self._grow(int(ids.max()), values.shape[1:])
         np.add.at(self._sum, ids, values)
         np.add.at(self._count, ids, 1)
         if group_values is not None:
@@ -56,7 +59,7 @@ class InMemoryValues:
 
     @property
     def values(self) -> np.ndarray:
-        """``[max_id + 1]`` summed values; 0 for ids never seen."""
+        """``[max_id + 1]`` (or ``[max_id + 1, Q]``) summed values; 0 for ids never seen."""
         return self._sum[: self._n()].copy()
 
     @property
@@ -76,7 +79,7 @@ class InMemoryValues:
     def step_table(self) -> dict[str, np.ndarray]:
         """All per-step records as flat arrays ``step``, ``id``, ``value``."""
         if not self.records:
-            return {"step": np.zeros(0, np.int64), "id": np.zeros(0, np.int64), "value": np.zeros(0)}
+            return {"step": np.zeros(0, np.int64), "id": np.zeros(0, np.int64), "value": np.zeros((0, *self._sum.shape[1:]))}
         return {
             "step": np.concatenate([np.full(len(i), s, np.int64) for s, i, _ in self.records]),
             "id": np.concatenate([i for _, i, _ in self.records]),

@@ -128,6 +128,10 @@ class ShapleyTracker:
             warning that names them.
         world_size: number of data-parallel ranks averaging gradients (default: the initialized
             ``torch.distributed`` world size, else 1).
+        per_query: score every sample against every validation row separately (the rows are the
+            queries; ``val_loss_fn`` returns ``[m]`` per-row or ``[m, T]`` per-token losses, a
+            query per row or per token): values become ``[n, Q]`` (first order; estimators
+            ``shapley``, ``loo``, ``sgd``). Cost grows with Q: one direction per query.
         sink: an extra receiver of per-step values with ``add_step(step, ids, values,
             group_values=None)`` (e.g. :class:`inrun_shapley.log.ShapleyLogWriter`, created with
             ``group_names=tracker.group_names`` when ``group_values``).
@@ -176,6 +180,7 @@ class ShapleyTracker:
         strict: bool = True,
         world_size: int | None = None,
         sink=None,
+        per_query: bool = False,
     ):
         if estimator not in ESTIMATORS:
             raise ConfigurationError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -183,6 +188,10 @@ class ShapleyTracker:
             raise ConfigurationError(f"order must be 1 or 2, got {order!r}")
         if order == 2 and estimator != "shapley":
             raise ConfigurationError("order=2 is defined for estimator='shapley' only")
+        if per_query and order == 2:
+            raise ConfigurationError("per_query values are first order: use order=1")
+        if per_query and val_sample_size is not None:
+            raise ConfigurationError("per_query values use every query at every step: leave val_sample_size=None")
         if validation is None:
             if val_data is None or val_loss_fn is None:
                 raise ConfigurationError(
@@ -199,6 +208,9 @@ class ShapleyTracker:
         self.estimator = estimator
         self.order = order
         self.keep_group_values = group_values
+        self.per_query = per_query
+        if per_query and group_values:
+            raise ConfigurationError("group_values are kept for the mean validation loss only (per_query=False)")
         self.world_size = world_size
         self.store = InMemoryValues(record_steps=record_steps)
         self.sink = sink
@@ -455,7 +467,10 @@ class ShapleyTracker:
             self._val_grads = None  # taken with the Hessian-vector product after the step
         else:
             with self._suspend():
-                self._val_grads, _ = self.validation.gradient(self.model, self._params, self.step + 1)
+                if self.per_query:
+                    self._val_grads = self.validation.query_gradients(self.model, self._params)
+                else:
+                    self._val_grads, _ = self.validation.gradient(self.model, self._params, self.step + 1)
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         """Step post-hook: the step happened; score every sample of every micro-batch in it."""
@@ -526,7 +541,8 @@ class ShapleyTracker:
         return ratio / world
 
     def _directions(self) -> dict[int, Tensor]:
-        """Per tracked parameter (by id), the direction ``M`` as ``[1, *shape]`` fp32."""
+        """Per tracked parameter (by id), the directions ``M`` as ``[Q, *shape]`` (Q = 1 unless
+        per_query), in the compute dtype."""
         groups = self.optimizer.param_groups
         state = self.optimizer.state
         grads = [None if p.grad is None else up(p.grad.detach()) for p in self._params]
@@ -563,7 +579,7 @@ class ShapleyTracker:
                     g = g + hvp[i]
                 pg = t.precond * g if t.precond is not None else g
                 m = t.sign * t.lr * t.coeff * pg
-            directions[id(p)] = m.unsqueeze(0)
+            directions[id(p)] = m if self.per_query else m.unsqueeze(0)
         return directions
 
     def _second_order_terms(self, terms, grads):
@@ -595,7 +611,8 @@ class ShapleyTracker:
                 n = mb.ids.numel()
                 device = self._params[0].device
                 dtype = up(self._params[0].detach()).dtype
-                vals = torch.zeros(n, dtype=dtype, device=device)
+                n_dirs = next(iter(directions.values())).shape[0]
+                vals = torch.zeros(n, n_dirs, dtype=dtype, device=device)
                 group = torch.zeros(n, len(names), dtype=dtype, device=device) if self.keep_group_values else None
                 for j, name in enumerate(names):
                     caps = mb.captures.get(name)
@@ -608,13 +625,13 @@ class ShapleyTracker:
                     for cap in caps:
                         if not cap.complete:
                             continue
-                        per_row = rule.dot(module, cap, dirs, self._module_theta.get(name))  # [rows, 1]
-                        per_sample = per_row.reshape(n, -1, per_row.shape[-1]).sum(1)[:, 0]
+                        per_row = rule.dot(module, cap, dirs, self._module_theta.get(name))  # [rows, Q]
+                        per_sample = per_row.reshape(n, -1, per_row.shape[-1]).sum(1)  # [n, Q]
                         vals += per_sample
                         if group is not None:
-                            group[:, j] += per_sample
+                            group[:, j] += per_sample[:, 0]
                 all_ids.append(mb.ids.numpy())
-                all_vals.append(vals.double().cpu().numpy())
+                all_vals.append((vals if self.per_query else vals[:, 0]).double().cpu().numpy())
                 if group is not None:
                     all_groups.append(group.double().cpu().numpy())
         ids = np.concatenate(all_ids)

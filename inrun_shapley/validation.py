@@ -195,6 +195,47 @@ class ValidationObjective:
         return grads, hvps
 
 
+    def query_gradients(self, model: nn.Module, params: Sequence[Tensor]) -> list[Tensor]:
+        """Gradient of every query's own loss: one ``[Q, *param.shape]`` tensor per parameter.
+
+        Queries are the rows of the validation set (all of them, every step); a loss function
+        returning ``[m, T]`` per-token losses makes each (row, token) a query (``Q = m·T``,
+        row-major). One batched backward per chunk of rows (``is_grads_batched``), falling back
+        to one backward per query for operations without a batching rule.
+        """
+        if self.sample_size is not None:
+            raise ConfigurationError("per-query values use every query at every step: leave val_sample_size=None")
+        device = params[0].device
+        pieces: list[list[Tensor]] = [[] for _ in params]
+        ctx = eval_mode(model) if self.use_eval_mode else _null()
+        with ctx, torch.enable_grad():
+            for batch, rows in self.chunks(0):
+                losses = self.per_sample_losses(model, batch, device)
+                if losses.dim() == 0 or losses.shape[0] != rows:
+                    raise ConfigurationError(
+                        "per-query values need val_loss_fn to return one loss per query row ([m]) or "
+                        f"per-token losses ([m, T]); got shape {tuple(losses.shape)} for {rows} rows"
+                    )
+                flat = up(losses).reshape(-1)
+                eye = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
+                try:
+                    grads = torch.autograd.grad(flat, params, grad_outputs=eye, is_grads_batched=True,
+                                                allow_unused=True, retain_graph=True)
+                except RuntimeError:  # an op without a vmap rule: one backward per query
+                    per_q = [torch.autograd.grad(f, params, allow_unused=True, retain_graph=True) for f in flat]
+                    grads = [None if per_q[0][i] is None else torch.stack([g[i] for g in per_q]) for i in range(len(params))]
+                for acc, g, prm in zip(pieces, grads, params):
+                    acc.append(up(torch.zeros(flat.numel(), *prm.shape, device=device)) if g is None else up(g.detach()))
+        return [torch.cat(acc) for acc in pieces]
+
+    def query_count(self, model: nn.Module, device) -> int:
+        """Number of queries (rows, or rows × tokens for per-token losses)."""
+        batch, _ = next(self.chunks(0))
+        with torch.no_grad():
+            per_row = self.per_sample_losses(model, batch, device)
+        return len(self) * (per_row[0].numel() if per_row.dim() > 1 else 1)
+
+
 @contextmanager
 def _null():
     yield
