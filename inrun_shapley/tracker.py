@@ -227,6 +227,7 @@ class ShapleyTracker:
         self._before: list[dict] = []
         self._module_theta: dict[str, dict[str, Tensor]] = {}
         self._handles: list = []
+        self._listeners: list = []
 
         self._modules: dict[str, tuple[nn.Module, CaptureRule, dict[str, nn.Parameter]]] = {}
         self._reports: list[ModuleReport] = []
@@ -301,6 +302,18 @@ class ShapleyTracker:
         self._handles.append(self.optimizer.register_step_pre_hook(self._before_step))
         self._handles.append(self.optimizer.register_step_post_hook(self._after_step))
         self._rng_states: dict[str, Any] = {}
+
+    def add_step_listener(self, listener) -> None:
+        """Register an object told about every real optimizer step (e.g. a trajectory recorder).
+
+        ``listener.before_step(tracker, step)`` runs in the step pre-hook (parameters are still
+        theta_step; ``.grad`` may not be final yet), and ``listener.after_step(tracker, step, ids)``
+        in the post-hook after the values were computed (parameters are theta_{step+1},
+        ``p.grad`` is the gradient the optimizer used, the optimizer state is updated; ``ids`` are
+        the sample ids of the step, in the order of :meth:`step_values`). Either method may be
+        missing.
+        """
+        self._listeners.append(listener)
 
     def detach(self) -> None:
         """Remove every hook this tracker added (the model and optimizer are as before)."""
@@ -451,6 +464,9 @@ class ShapleyTracker:
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         """Step pre-hook: parameters are still theta_t. Never reads ``.grad``."""
+        for listener in self._listeners:
+            if hasattr(listener, "before_step"):
+                listener.before_step(self, self.step + 1)
         state = self.optimizer.state
         self._before = [
             self.adapter.before_step(self.optimizer.param_groups[g], state.get(p, {}))
@@ -502,6 +518,9 @@ class ShapleyTracker:
         self.store.add_step(self.step, ids, values, groups, names)
         if self.sink is not None:
             self.sink.add_step(self.step, ids, values, group_values=groups)
+        for listener in self._listeners:
+            if hasattr(listener, "after_step"):
+                listener.after_step(self, self.step, ids)
         self._pending.clear()
         self._consume_open()
         self._grad_sq_after_backward = None
