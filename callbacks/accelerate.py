@@ -5,13 +5,11 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Callable
 
-import numpy as np
-
-from inrun_shapley.integration import ShapleyConfig, merge_across_ranks, sample_ids
+from inrun_shapley.integration import ShapleyConfig, TrackedValues, merge_across_ranks, sample_ids
 from inrun_shapley.store import InMemoryValues
 
 
-class ShapleyHook:
+class ShapleyHook(TrackedValues):
     """Attach In-Run Shapley tracking to prepared Accelerate objects.
 
     The loop changes by one line per batch: wrap the forward and ``accelerator.backward`` in
@@ -87,13 +85,3 @@ class ShapleyHook:
 
     def _store(self) -> InMemoryValues:
         return self._merged if self._merged is not None else self.tracker.store
-
-    @property
-    def values(self) -> np.ndarray:
-        """``[max_id + 1]`` run values per sample id (all processes merged after :meth:`close`)."""
-        return self._store().values
-
-    @property
-    def counts(self) -> np.ndarray:
-        """``[max_id + 1]`` number of optimizer steps each sample took part in."""
-        return self._store().counts

@@ -5,16 +5,15 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import lightning.pytorch as pl
-import numpy as np
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from inrun_shapley.errors import ConfigurationError
-from inrun_shapley.integration import ShapleyConfig, merge_across_ranks, sample_ids
+from inrun_shapley.integration import ShapleyConfig, TrackedValues, merge_across_ranks, sample_ids
 from inrun_shapley.store import InMemoryValues
 
 
-class ShapleyCallback(Callback):
+class ShapleyCallback(TrackedValues, Callback):
     """Compute every training sample's In-Run Shapley value during ``Trainer.fit``.
 
     The LightningModule stays as it is: its ``training_step`` returns a loss (tensor or dict).
@@ -126,18 +125,3 @@ class ShapleyCallback(Callback):
         if self.tracker is None:
             raise ConfigurationError("no values yet: the callback has not been used in Trainer.fit")
         return self.tracker.store
-
-    @property
-    def values(self) -> np.ndarray:
-        """``[max_id + 1]`` run values per sample id (all ranks merged after training)."""
-        return self._store().values
-
-    @property
-    def counts(self) -> np.ndarray:
-        """``[max_id + 1]`` number of optimizer steps each sample took part in."""
-        return self._store().counts
-
-    @property
-    def group_values(self):
-        """``[max_id + 1, G]`` values per tracked module (with ``group_values=True``), or None."""
-        return self._store().group_values

@@ -111,9 +111,16 @@ def accuracy(model: nn.Module, data) -> float:
 
 def tracked_run(train, val, cfg: DemoConfig, seed: int, out: Path):
     """One Lightning run with two ShapleyCallbacks; returns the trained model and both logs."""
+    import logging
+    import warnings
+
     import lightning.pytorch as pl
 
     from inrun_shapley.callbacks import ShapleyCallback
+
+    # The demo prints its own tables: keep Lightning's banners and tips out of them.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
     class DigitsMLP(pl.LightningModule):
         def __init__(self):

@@ -193,3 +193,25 @@ def merge_across_ranks(store: InMemoryValues) -> InMemoryValues:
         "group_sum": groups, "group_names": parts[0].get("group_names"), "records": records,
     })
     return merged
+
+
+class TrackedValues:
+    """Result accessors shared by the framework adapters; subclasses implement ``_store()``."""
+
+    def _store(self) -> InMemoryValues:
+        raise NotImplementedError
+
+    @property
+    def values(self) -> np.ndarray:
+        """``[max_id + 1]`` run values per sample id (all ranks merged after training)."""
+        return self._store().values
+
+    @property
+    def counts(self) -> np.ndarray:
+        """``[max_id + 1]`` number of optimizer steps each sample took part in."""
+        return self._store().counts
+
+    @property
+    def group_values(self):
+        """``[max_id + 1, G]`` values per tracked module (with ``group_values=True``), or None."""
+        return self._store().group_values

@@ -24,28 +24,48 @@ def _affine_dot(x_hat: Tensor, b: Tensor, directions: Mapping[str, Tensor], n_af
     return total
 
 
+class _LastDimsNormRule(CaptureRule):
+    """Normalization over the trailing ``normalized_shape`` dims, then ``x̂ * weight (+ bias)``:
+    weight contribution ``sum_positions b ⊙ x̂``. Subclasses say how ``x̂`` is computed."""
+
+    def normalize(self, module: nn.Module, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def dot(self, module: nn.Module, capture: Capture, directions: Mapping[str, Tensor], theta=None) -> Tensor:
+        x_hat = self.normalize(module, up(capture.args[0]))
+        return _affine_dot(x_hat, up(capture.grad_output), directions, len(module.normalized_shape))
+
+
 @register_rule(nn.LayerNorm)
-class LayerNormRule(CaptureRule):
-    """Weight contribution ``sum_positions b ⊙ x̂`` with ``x̂`` the normalized input."""
+class LayerNormRule(_LastDimsNormRule):
+    """``x̂ = (x - mean) / sqrt(var + eps)`` over the normalized dims."""
 
     kind = "layernorm"
 
-    def dot(self, module: nn.Module, capture: Capture, directions: Mapping[str, Tensor], theta=None) -> Tensor:
-        x = up(capture.args[0])
-        x_hat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
-        return _affine_dot(x_hat, up(capture.grad_output), directions, len(module.normalized_shape))
+    def normalize(self, module: nn.Module, x: Tensor) -> Tensor:
+        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
 
 
 @register_rule(nn.RMSNorm)
-class RMSNormRule(CaptureRule):
-    """Weight contribution ``sum_positions b ⊙ x / rms(x)``."""
+class RMSNormRule(_LastDimsNormRule):
+    """``x̂ = x / rms(x)`` over the normalized dims."""
 
     kind = "rmsnorm"
 
-    def dot(self, module: nn.Module, capture: Capture, directions: Mapping[str, Tensor], theta=None) -> Tensor:
-        x = up(capture.args[0])
-        x_hat = F.rms_norm(x, module.normalized_shape, None, module.eps)
-        return _affine_dot(x_hat, up(capture.grad_output), directions, len(module.normalized_shape))
+    def normalize(self, module: nn.Module, x: Tensor) -> Tensor:
+        return F.rms_norm(x, module.normalized_shape, None, module.eps)
+
+
+def _channel_affine_dot(x_hat: Tensor, b: Tensor, directions: Mapping[str, Tensor]) -> Tensor:
+    """Dot products for a per-channel affine on ``[N, C, *spatial]`` (``x̂``, ``b`` same shape)."""
+    n, c = b.shape[0], b.shape[1]
+    x_hat, b = x_hat.reshape(n, c, -1), b.reshape(n, c, -1)
+    total = 0
+    if "weight" in directions:
+        total = total + project((b * x_hat).sum(-1), directions["weight"])
+    if "bias" in directions:
+        total = total + project(b.sum(-1), directions["bias"])
+    return total
 
 
 @register_rule(nn.GroupNorm)
@@ -55,17 +75,8 @@ class GroupNormRule(CaptureRule):
     kind = "groupnorm"
 
     def dot(self, module: nn.Module, capture: Capture, directions: Mapping[str, Tensor], theta=None) -> Tensor:
-        x = up(capture.args[0])
-        b = up(capture.grad_output)
-        n, c = x.shape[0], x.shape[1]
-        x_hat = F.group_norm(x, module.num_groups, None, None, module.eps).reshape(n, c, -1)
-        b = b.reshape(n, c, -1)
-        total = 0
-        if "weight" in directions:
-            total = total + project((b * x_hat).sum(-1), directions["weight"])
-        if "bias" in directions:
-            total = total + project(b.sum(-1), directions["bias"])
-        return total
+        x_hat = F.group_norm(up(capture.args[0]), module.num_groups, None, None, module.eps)
+        return _channel_affine_dot(x_hat, up(capture.grad_output), directions)
 
 
 @register_rule(nn.modules.batchnorm._BatchNorm)
@@ -87,15 +98,6 @@ class BatchNormRule(CaptureRule):
 
     def dot(self, module: nn.Module, capture: Capture, directions: Mapping[str, Tensor], theta=None) -> Tensor:
         x = up(capture.args[0])
-        b = up(capture.grad_output)
-        n, c = x.shape[0], x.shape[1]
-        mean = up(module.running_mean).view(1, c, *([1] * (x.dim() - 2)))
-        var = up(module.running_var).view(1, c, *([1] * (x.dim() - 2)))
-        x_hat = ((x - mean) / (var + module.eps).sqrt()).reshape(n, c, -1)
-        b = b.reshape(n, c, -1)
-        total = 0
-        if "weight" in directions:
-            total = total + project((b * x_hat).sum(-1), directions["weight"])
-        if "bias" in directions:
-            total = total + project(b.sum(-1), directions["bias"])
-        return total
+        shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+        mean, var = up(module.running_mean).view(shape), up(module.running_var).view(shape)
+        return _channel_affine_dot((x - mean) / (var + module.eps).sqrt(), up(capture.grad_output), directions)

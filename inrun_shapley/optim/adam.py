@@ -18,7 +18,6 @@ Leave-one-out Jacobian (v_t's dependence on g kept, DESIGN.md §2):
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from inrun_shapley.optim.base import StepTerms, as_float, register_adapter
 
