@@ -2,7 +2,7 @@
 
 The recipe (everything ships with scikit-learn; nothing is downloaded):
 
-1. ``load_digits`` (1,797 8×8 images), standardized; a training split with ``flip`` of its labels
+1. ``load_digits`` (1,797 8×8 images), standardized per pixel; a training split with ``flip`` of its labels
    changed to another class, a small clean validation split (the tracker's objective) and a clean
    held-out test split.
 2. One Lightning run of an MLP with AdamW and two ``ShapleyCallback`` s side by side: the
@@ -43,6 +43,9 @@ class DemoConfig:
     Attributes:
         seeds: one full run per seed (data split, flips, init, batch order).
         flip: fraction of training labels flipped.
+        n_train: training split size (the rest of the 1,797 images is split into val and test).
+        n_val: clean validation rows defining the values (the tracker's objective).
+        scale: input scaling, ``"standardize"`` (per-pixel z-score) or ``"unit"`` (÷16).
         epochs: training epochs (tracked run and every retraining).
         batch_size: training batch size.
         lr: AdamW learning rate.
@@ -54,6 +57,9 @@ class DemoConfig:
 
     seeds: tuple = (0,)
     flip: float = 0.2
+    n_train: int = 1200
+    n_val: int = 200
+    scale: str = "standardize"
     epochs: int = 12
     batch_size: int = 32
     lr: float = 2e-3
@@ -63,17 +69,22 @@ class DemoConfig:
     progress: bool = True
 
 
-def digits_with_flips(seed: int, flip: float):
-    """Standardized digits split into (train with flipped labels, val, test) and the flip mask."""
+def digits_with_flips(seed: int, flip: float, n_train: int = 1200, n_val: int = 200, scale: str = "standardize"):
+    """Digits split into (train with flipped labels, clean val, clean test) and the flip mask.
+
+    ``scale="standardize"``: per-pixel z-scores from the training split; ``"unit"``: intensities
+    divided by 16 (range [0, 1]). The test split is what remains after train and val.
+    """
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(x))
     x, y = x[order].astype(np.float32), y[order].astype(np.int64)
-    n_train, n_val = 1200, 200
-    mean, std = x[:n_train].mean(0), x[:n_train].std(0) + 1e-6
-    x = (x - mean) / std
+    if scale == "unit":
+        x = x / 16.0
+    else:
+        x = (x - x[:n_train].mean(0)) / (x[:n_train].std(0) + 1e-6)
     y_train = y[:n_train].copy()
     flipped = np.zeros(n_train, dtype=bool)
     flipped[rng.choice(n_train, int(round(flip * n_train)), replace=False)] = True
@@ -154,7 +165,7 @@ def tracked_run(train, val, cfg: DemoConfig, seed: int, out: Path):
 
 
 def run_seed(cfg: DemoConfig, seed: int, out: Path) -> dict:
-    train, val, test, flipped = digits_with_flips(seed, cfg.flip)
+    train, val, test, flipped = digits_with_flips(seed, cfg.flip, cfg.n_train, cfg.n_val, cfg.scale)
     n = len(train[0])
     model, logs = tracked_run(train, val, cfg, seed, out)
     with torch.no_grad():
