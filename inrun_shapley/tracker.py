@@ -38,6 +38,7 @@ from inrun_shapley.errors import (
     SampleIdError,
     UnsupportedModuleError,
 )
+from inrun_shapley.ghost import QUERY_PATHS, GhostQueries, plan_query_path
 from inrun_shapley.optim import adapter_for, innermost_optimizer
 from inrun_shapley.store import InMemoryValues
 from inrun_shapley.validation import ValidationObjective
@@ -132,6 +133,14 @@ class ShapleyTracker:
             queries; ``val_loss_fn`` returns ``[m]`` per-row or ``[m, T]`` per-token losses, a
             query per row or per token): values become ``[n, Q]`` (first order; estimators
             ``shapley``, ``loo``, ``sgd``). Cost grows with Q: one direction per query.
+        query_path: how per-query values are computed for Linear and Embedding layers:
+            ``"exact"`` (one direction per query through the capture rules), ``"ghost"``
+            (pairwise ghost dot products with the query samples' captures, no per-query
+            gradient; exact under SGD and the ``sgd`` estimator, a rank-1 approximation of Adam's
+            preconditioner on Linear weights; see :mod:`inrun_shapley.ghost`), or ``"auto"``
+            (per layer, ghost where it is exact and cheaper by estimated FLOPs, decided at the
+            first step). Other layers always take the exact path. The choice is in
+            :attr:`query_plan`.
         sink: an extra receiver of per-step values with ``add_step(step, ids, values,
             group_values=None)`` (e.g. :class:`inrun_shapley.log.ShapleyLogWriter`, created with
             ``group_names=tracker.group_names`` when ``group_values``).
@@ -181,6 +190,7 @@ class ShapleyTracker:
         world_size: int | None = None,
         sink=None,
         per_query: bool = False,
+        query_path: str = "auto",
     ):
         if estimator not in ESTIMATORS:
             raise ConfigurationError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -192,6 +202,15 @@ class ShapleyTracker:
             raise ConfigurationError("per_query values are first order: use order=1")
         if per_query and val_sample_size is not None:
             raise ConfigurationError("per_query values use every query at every step: leave val_sample_size=None")
+        if query_path not in QUERY_PATHS:
+            raise ConfigurationError(f"query_path must be one of {QUERY_PATHS}, got {query_path!r}")
+        if query_path != "auto" and not per_query:
+            raise ConfigurationError("query_path applies to per-query values: pass per_query=True")
+        if query_path == "ghost" and estimator == "loo":
+            raise ConfigurationError(
+                "the ghost path has no form for the 'loo' estimator (its Jacobian changes sign): "
+                "use query_path='exact' or 'auto'"
+            )
         if validation is None:
             if val_data is None or val_loss_fn is None:
                 raise ConfigurationError(
@@ -209,6 +228,9 @@ class ShapleyTracker:
         self.order = order
         self.keep_group_values = group_values
         self.per_query = per_query
+        self.query_path = query_path
+        self.query_plan = None  # list of ghost.PlanRow, set at the first per-query step
+        self._ghost: GhostQueries | None = None
         if per_query and group_values:
             raise ConfigurationError("group_values are kept for the mean validation loss only (per_query=False)")
         self.world_size = world_size
@@ -484,9 +506,39 @@ class ShapleyTracker:
         else:
             with self._suspend():
                 if self.per_query:
-                    self._val_grads = self.validation.query_gradients(self.model, self._params)
+                    self._val_grads = self._query_gradients()
                 else:
                     self._val_grads, _ = self.validation.gradient(self.model, self._params, self.step + 1)
+
+    def _query_gradients(self) -> list:
+        """Per-query validation gradients; with ghost-path layers, their parameters get None and
+        ``self._ghost`` holds the query captures taken in the same pass."""
+        if self.query_plan is None:
+            batches = self._pending + ([self._open] if self._open is not None else [])
+            positions = {}
+            for mb in batches:
+                for name, caps in mb.captures.items():
+                    for cap in caps:
+                        x = cap.args[0] if cap.args and isinstance(cap.args[0], Tensor) else None
+                        if x is not None and x.dim() > 0:
+                            per = x.numel() if x.dtype in (torch.int64, torch.int32) else x.numel() // x.shape[-1]
+                            positions[name] = positions.get(name, 0) + per
+            self.query_plan = plan_query_path(
+                self.query_path, self._modules, estimator=self.estimator, validation=self.validation,
+                model=self.model, preconditioned=self.adapter.name != "sgd" and self.estimator == "shapley",
+                train_positions=positions or None,
+            )
+        ghost_names = [row.module for row in self.query_plan if row.path == "ghost"]
+        if not ghost_names:
+            self._ghost = None
+            return self.validation.query_gradients(self.model, self._params)
+        self._ghost = GhostQueries({name: self._modules[name][0] for name in ghost_names})
+        exact = [i for i, p in enumerate(self._params) if id(p) not in self._ghost.param_ids]
+        grads = self.validation.query_gradients(self.model, [self._params[i] for i in exact], ghost=self._ghost)
+        out: list = [None] * len(self._params)
+        for i, g in zip(exact, grads):
+            out[i] = g
+        return out
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         """Step post-hook: the step happened; score every sample of every micro-batch in it."""
@@ -526,6 +578,7 @@ class ShapleyTracker:
         self._grad_sq_after_backward = None
         self._val_grads = None
         self._theta_before = None
+        self._ghost = None
 
     def _consume_open(self) -> None:
         if self._open is not None:
@@ -586,6 +639,8 @@ class ShapleyTracker:
             if t is None:
                 continue
             g = val_grads[i]
+            if g is None:  # a ghost-path parameter: scored from the query captures
+                continue
             if self.estimator == "sgd":
                 m = t.sign * t.lr * g
             elif self.estimator == "loo":
@@ -599,6 +654,8 @@ class ShapleyTracker:
                 pg = t.precond * g if t.precond is not None else g
                 m = t.sign * t.lr * t.coeff * pg
             directions[id(p)] = m if self.per_query else m.unsqueeze(0)
+        if self.per_query and self._ghost is not None:
+            self._ghost.prepare({id(p): t for p, t in zip(self._params, terms)}, self.estimator)
         return directions
 
     def _second_order_terms(self, terms, grads):
@@ -630,7 +687,7 @@ class ShapleyTracker:
                 n = mb.ids.numel()
                 device = self._params[0].device
                 dtype = up(self._params[0].detach()).dtype
-                n_dirs = next(iter(directions.values())).shape[0]
+                n_dirs = next(iter(directions.values())).shape[0] if directions else self._ghost.n_queries
                 vals = torch.zeros(n, n_dirs, dtype=dtype, device=device)
                 group = torch.zeros(n, len(names), dtype=dtype, device=device) if self.keep_group_values else None
                 for j, name in enumerate(names):
@@ -638,6 +695,11 @@ class ShapleyTracker:
                     if not caps:
                         continue
                     module, rule, params = self._modules[name]
+                    if self.per_query and self._ghost is not None and name in self._ghost.modules:
+                        for cap in caps:
+                            if cap.complete:
+                                vals += self._ghost.dot(name, cap, n)
+                        continue
                     dirs = {pn: directions[id(p)] for pn, p in params.items() if id(p) in directions}
                     if not dirs:
                         continue

@@ -195,27 +195,36 @@ class ValidationObjective:
         return grads, hvps
 
 
-    def query_gradients(self, model: nn.Module, params: Sequence[Tensor]) -> list[Tensor]:
+    def query_gradients(self, model: nn.Module, params: Sequence[Tensor], ghost=None) -> list[Tensor]:
         """Gradient of every query's own loss: one ``[Q, *param.shape]`` tensor per parameter.
 
         Queries are the rows of the validation set (all of them, every step); a loss function
         returning ``[m, T]`` per-token losses makes each (row, token) a query (``Q = m·T``,
         row-major). One batched backward per chunk of rows (``is_grads_batched``), falling back
         to one backward per query for operations without a batching rule.
+
+        ``ghost`` (a :class:`~inrun_shapley.ghost.GhostQueries`) also records, in the same
+        forward, the query-side captures of the ghost-path layers (``params`` then holds only
+        the parameters left on the exact path, possibly none).
         """
         if self.sample_size is not None:
             raise ConfigurationError("per-query values use every query at every step: leave val_sample_size=None")
-        device = params[0].device
+        device = params[0].device if params else next(model.parameters()).device
         pieces: list[list[Tensor]] = [[] for _ in params]
         ctx = eval_mode(model) if self.use_eval_mode else _null()
         with ctx, torch.enable_grad():
             for batch, rows in self.chunks(0):
-                losses = self.per_sample_losses(model, batch, device)
+                with ghost.recording() if ghost is not None else _null():
+                    losses = self.per_sample_losses(model, batch, device)
                 if losses.dim() == 0 or losses.shape[0] != rows:
                     raise ConfigurationError(
                         "per-query values need val_loss_fn to return one loss per query row ([m]) or "
                         f"per-token losses ([m, T]); got shape {tuple(losses.shape)} for {rows} rows"
                     )
+                if ghost is not None:
+                    ghost.collect(losses)
+                if not params:
+                    continue
                 flat = up(losses).reshape(-1)
                 eye = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
                 try:
