@@ -268,7 +268,7 @@ def _demo_run(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Command] = {
     "demo": Command(
-        "train on digits with 20% flipped labels, find them with in-run values, prune, retrain",
+        "train on digits with 20%% flipped labels, find them with in-run values, prune, retrain",
         _demo_arguments,
         _demo_run,
     ),

@@ -472,11 +472,11 @@ class ShapleyTracker:
         cap.grad_outputs[j] = grad.detach() if prev is None else prev + grad.detach()
 
     def _grad_sq_norm(self) -> float:
-        total = 0.0
-        for p in self._params:
-            if p.grad is not None:
-                total += float(up(p.grad.detach()).pow(2).sum())
-        return total
+        squares = [up(p.grad.detach()).pow(2).sum() for p in self._params if p.grad is not None]
+        if not squares:
+            return 0.0
+        device = squares[0].device  # one host sync for all parameters (model-parallel safe)
+        return float(sum(s.to(device, torch.float64) for s in squares))
 
     def _grads_zeroed(self) -> bool:
         grads = [p.grad for p in self._params]
@@ -651,8 +651,10 @@ class ShapleyTracker:
             else:
                 if hvp is not None:
                     g = g + hvp[i]
-                pg = t.precond * g if t.precond is not None else g
-                m = t.sign * t.lr * t.coeff * pg
+                scale = t.sign * t.lr * t.coeff
+                # same operations and rounding as scale * (precond * g), one new buffer; never
+                # in place on precond (an adapter may hand back optimizer state)
+                m = scale * g if t.precond is None else torch.mul(t.precond, g).mul_(scale)
             directions[id(p)] = m if self.per_query else m.unsqueeze(0)
         if self.per_query and self._ghost is not None:
             self._ghost.prepare({id(p): t for p, t in zip(self._params, terms)}, self.estimator)

@@ -175,15 +175,18 @@ class ValidationObjective:
             list of gradients (fp32, zeros for unused params), and the HVP list or None.
         """
         device = params[0].device
-        grads = [up(torch.zeros_like(p)) for p in params]
+        grads: list = [None] * len(params)  # the first piece's gradients become the accumulators
         hvps = [up(torch.zeros_like(p)) for p in params] if hvp_vectors is not None else None
         ctx = eval_mode(model) if self.use_eval_mode else _null()
         with ctx, torch.enable_grad():
             for piece in self.mean_loss(model, step, device):
                 g = torch.autograd.grad(piece, params, allow_unused=True, create_graph=hvp_vectors is not None)
-                for acc, gi in zip(grads, g):
-                    if gi is not None:
-                        acc += gi.detach().to(acc.dtype)
+                for i, gi in enumerate(g):
+                    if gi is None:
+                        continue
+                    gi = up(gi.detach())
+                    # out of place: autograd may hand back views or expanded tensors
+                    grads[i] = gi if grads[i] is None else grads[i] + gi
                 if hvp_vectors is not None:
                     used = [(i, gi) for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
                     if used:
@@ -192,6 +195,7 @@ class ValidationObjective:
                         for acc, hi in zip(hvps, h):
                             if hi is not None:
                                 acc += hi.to(acc.dtype)
+        grads = [up(torch.zeros_like(p)) if gr is None else gr for p, gr in zip(params, grads)]
         return grads, hvps
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from inrun_shapley.capture.registry import Capture, CaptureRule, project, register_rule, up
@@ -42,9 +44,15 @@ class LinearRule(CaptureRule):
         n = a.shape[0]
         a = a.reshape(n, -1, a.shape[-1])
         b = b.reshape(n, -1, b.shape[-1])
+        w, wb = directions.get("weight"), directions.get("bias")
+        if w is not None and w.shape[0] == 1 and a.shape[-1] >= b.shape[-1]:
+            # one direction, output side no wider than the input: the layer's own forward with
+            # weight M and bias M_b (bias folded into the GEMM), dotted with b row by row
+            y = F.linear(a, w[0], None if wb is None else wb[0])  # [N, T, d_out]
+            return torch.linalg.vecdot(y.reshape(n, -1), b.reshape(n, -1)).unsqueeze(1)
         total = 0
-        if "weight" in directions:
-            total = total + bilinear_rows(a, directions["weight"], b)
-        if "bias" in directions:
-            total = total + project(b.sum(dim=1), directions["bias"])
+        if w is not None:
+            total = total + bilinear_rows(a, w, b)
+        if wb is not None:
+            total = total + project(b.sum(dim=1), wb)
         return total

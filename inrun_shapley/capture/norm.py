@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -31,9 +32,22 @@ class _LastDimsNormRule(CaptureRule):
     def normalize(self, module: nn.Module, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def forward_with(self, module: nn.Module, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        """The layer's own forward with affine ``weight``/``bias`` (None: left out)."""
+        y = self.normalize(module, x)
+        if weight is not None:
+            y = y * weight
+        return y if bias is None else y + bias
+
     def dot(self, module: nn.Module, capture: Capture, directions: Mapping[str, Tensor], theta=None) -> Tensor:
-        x_hat = self.normalize(module, up(capture.args[0]))
-        return _affine_dot(x_hat, up(capture.grad_output), directions, len(module.normalized_shape))
+        x, b = up(capture.args[0]), up(capture.grad_output)
+        w, wb = directions.get("weight"), directions.get("bias")
+        if (w is None or w.shape[0] == 1) and (wb is None or wb.shape[0] == 1):
+            # one direction: the layer's forward with weight M_w and bias M_b, dotted with b
+            y = self.forward_with(module, x, None if w is None else w[0], None if wb is None else wb[0])
+            n = b.shape[0]
+            return torch.linalg.vecdot(y.reshape(n, -1), b.reshape(n, -1)).unsqueeze(1)
+        return _affine_dot(self.normalize(module, x), b, directions, len(module.normalized_shape))
 
 
 @register_rule(nn.LayerNorm)
@@ -44,6 +58,9 @@ class LayerNormRule(_LastDimsNormRule):
 
     def normalize(self, module: nn.Module, x: Tensor) -> Tensor:
         return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+
+    def forward_with(self, module: nn.Module, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        return F.layer_norm(x, module.normalized_shape, weight, bias, module.eps)
 
 
 @register_rule(nn.RMSNorm)

@@ -7,6 +7,7 @@ from inrun_shapley.optim.base import (
     adapter_for,
     innermost_optimizer,
     register_adapter,
+    unregister_adapter,
 )
 
-__all__ = ["OptimizerAdapter", "StepTerms", "adapter_for", "innermost_optimizer", "register_adapter"]
+__all__ = ["OptimizerAdapter", "StepTerms", "adapter_for", "innermost_optimizer", "register_adapter", "unregister_adapter"]

@@ -43,8 +43,10 @@ class AdamAdapter:
         t = as_float(state["step"])
         bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
         v_used = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
-        sqrt_v_hat = (v_used.to(grad.dtype) / bc2).sqrt()
-        precond = 1.0 / (sqrt_v_hat + eps)
+        # Same operations as 1/(sqrt(v/bc2) + eps), in place after the first: one new
+        # parameter-sized buffer instead of four (fresh buffers cost page faults on CPU).
+        sqrt_v_hat = (v_used.to(grad.dtype) / bc2).sqrt_()
+        precond = (sqrt_v_hat + eps if need_loo else sqrt_v_hat.add_(eps)).reciprocal_()
         coeff = (1.0 - beta1) / bc1
         terms = StepTerms(lr=lr, coeff=coeff, sign=sign, precond=precond)
 

@@ -88,6 +88,12 @@ def register_adapter(*optimizer_types: type) -> Callable:
     return decorate
 
 
+def unregister_adapter(*optimizer_types: type) -> None:
+    """Remove the adapters registered for these optimizer classes (no error if absent)."""
+    for t in optimizer_types:
+        _ADAPTERS.pop(t, None)
+
+
 def innermost_optimizer(optimizer) -> torch.optim.Optimizer:
     """Unwrap framework wrappers (Lightning's ``LightningOptimizer``, Accelerate's
     ``AcceleratedOptimizer``) down to the torch optimizer, through their public ``optimizer``
