@@ -20,6 +20,7 @@ This module is an application of the library: it uses Lightning through
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +148,8 @@ def tracked_run(train, val, cfg: DemoConfig, seed: int, out: Path):
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=cfg.lr)
 
+    for est in ("shapley", "sgd"):  # the demo owns its output folder: a rerun replaces its logs
+        shutil.rmtree(out / f"log_{est}", ignore_errors=True)
     callbacks = {
         est: ShapleyCallback(val_data=val, estimator=est, log_dir=out / f"log_{est}", record_steps=False)
         for est in ("shapley", "sgd")
