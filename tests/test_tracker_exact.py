@@ -67,16 +67,27 @@ OPTIMIZERS = {
     "adam_amsgrad_foreach": (lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True, foreach=True), "adam"),
     "adamw": (lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1), "adam"),
     "adamw_maximize": (lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, maximize=True), "adam"),
+    "adamw_fused": (lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, fused=True), "adam"),
+    "adamw_two_groups": (lambda p: torch.optim.AdamW(_two_groups(p), lr=1e-2), "adam"),
+    "sgd_two_groups": (lambda p: torch.optim.SGD(_two_groups(p), lr=0.05, momentum=0.9), "sgd"),
 }
 
 
-def run_and_compare(opt_name, order=1, estimator="shapley", steps=3, clip=None, seed=0, dtype=torch.float32):
+def _two_groups(params):
+    """Convolutional branch and the rest, with different learning rates and weight decay."""
+    params = list(params)
+    return [{"params": params[:4], "lr": 3e-2, "weight_decay": 0.05}, {"params": params[4:], "lr": 5e-3}]
+
+
+def run_and_compare(opt_name, order=1, estimator="shapley", steps=3, clip=None, seed=0, dtype=torch.float32,
+                    scheduler=None):
     torch.manual_seed(seed)
     model = MixedNet().to(dtype)
     make_opt, kind = OPTIMIZERS[opt_name]
     opt = make_opt(model.parameters())
     val = make_data(5, 100, dtype)
     tracker = ShapleyTracker(model, opt, val_data=val, val_loss_fn=val_loss_fn, order=order, estimator=estimator)
+    sched = scheduler(opt) if scheduler is not None else None
     errors = []
     for step in range(steps):
         img, tokens, y = make_data(6, seed + step, dtype)
@@ -114,6 +125,8 @@ def run_and_compare(opt_name, order=1, estimator="shapley", steps=3, clip=None, 
             )
         opt.step()
         opt.zero_grad()
+        if sched is not None:
+            sched.step()  # the next step's lr differs; the snapshot above read this step's
         got = torch.as_tensor(tracker.store.records[-1][2])
         errors.append(oracles.relative_error(got, ref))
     tracker.detach()
@@ -150,6 +163,13 @@ def test_sgd_form_baseline_is_lr_times_gradient_dot(opt_name):
 def test_float64_models_are_scored_in_float64(opt_name):
     errors = run_and_compare(opt_name, order=2, dtype=torch.float64)
     assert max(errors) <= 1e-10, errors
+
+
+@pytest.mark.parametrize("opt_name", ["adamw_two_groups", "sgd_two_groups"])
+def test_learning_rate_schedule_across_param_groups(opt_name):
+    errors = run_and_compare(opt_name, order=2, steps=4,
+                             scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5))
+    assert max(errors) <= 1e-4, errors
 
 
 @pytest.mark.parametrize("opt_name", ["adamw", "sgd_momentum"])

@@ -204,3 +204,36 @@ def test_sampled_validation_batch_uses_the_same_rows_per_step():
     a, b = tr.validation.indices(7), tr.validation.indices(7)
     assert torch.equal(a, b) and len(a) == 5 and not torch.equal(a, tr.validation.indices(8))
     tr.detach()
+
+
+def test_grad_scaler_skipped_step_gets_no_value_and_scaling_cancels():
+    def run(use_scaler):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(12, 4, generator=g), torch.randn(12, 2, generator=g)
+        val = (torch.randn(4, 4, generator=g), torch.randn(4, 2, generator=g))
+        tr = ShapleyTracker(model, opt, val_data=val, val_loss_fn=_mse_rows)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if use_scaler else None
+        for step, ids in enumerate(torch.arange(12).split(4)):
+            poison = step == 1  # this step's loss is infinite: the scaler must skip it
+            if poison and not use_scaler:
+                continue
+            with tr.batch(ids):
+                loss = F.mse_loss(model(x[ids]), y[ids]) * (float("inf") if poison else 1.0)
+                (scaler.scale(loss) if scaler else loss).backward()
+            if scaler:
+                scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            opt.zero_grad()
+        return tr
+
+    scaled, plain = run(True), run(False)
+    assert scaled.counts[4:8].tolist() == [0, 0, 0, 0] and scaled.skipped_steps == 1
+    np.testing.assert_allclose(scaled.values, plain.values, rtol=1e-5, atol=1e-10)
