@@ -26,7 +26,8 @@ class ShapleyHook(TrackedValues):
         val_loss_fn: ``fn(model, batch) -> per-row losses`` (default: cross-entropy / MSE, see
             :func:`inrun_shapley.integration.default_loss`).
         log_dir: also write values to this value log (per process ``rank{r}``, merged on load).
-        **options: as in :class:`inrun_shapley.ShapleyTracker` (``estimator``, ``order``, ...).
+        **options: as in :class:`inrun_shapley.ShapleyTracker` (``estimator``, ``order``, ...);
+            ``record_trajectory=folder`` also records the run for the adjoint pass.
 
     Example::
 
@@ -43,10 +44,11 @@ class ShapleyHook(TrackedValues):
                  log_dir=None, **options: Any):
         self.config = ShapleyConfig(val_data=val_data, val_loss_fn=val_loss_fn, log_dir=log_dir, **options)
         self.accelerator = accelerator
-        self.tracker, self.writer = self.config.build(
+        self.attached = self.config.build(
             accelerator.unwrap_model(model), optimizer,
             world_size=accelerator.num_processes, rank=accelerator.process_index,
         )
+        self.tracker = self.attached.tracker
         self._merged: InMemoryValues | None = None
 
     @contextmanager
@@ -60,13 +62,10 @@ class ShapleyHook(TrackedValues):
 
     def close(self) -> None:
         """Merge values across processes, flush the log, remove the hooks."""
-        if self.tracker is None:
+        if self._merged is not None:
             return
         self._merged = merge_across_ranks(self.tracker.store)
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-        self.tracker.detach()
+        self.attached.close()
 
     def __enter__(self) -> "ShapleyHook":
         return self
@@ -76,8 +75,7 @@ class ShapleyHook(TrackedValues):
 
     def state_dict(self) -> dict:
         """For ``accelerator.register_for_checkpointing(hook)``: the step cursor and values."""
-        if self.writer is not None:
-            self.writer.flush()
+        self.attached.flush()
         return self.tracker.state_dict()
 
     def load_state_dict(self, state: dict) -> None:

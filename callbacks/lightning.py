@@ -33,7 +33,8 @@ class ShapleyCallback(TrackedValues, Callback):
         log_dir: also write the values to this value log (see ``inrun_shapley.log``).
         **options: ``estimator``, ``order``, ``val_sample_size``, ``val_batch_size``, ``seed``,
             ``group_values``, ``record_steps``, ``exclude``, ``strict``, ``flush_every``: as in
-            :class:`inrun_shapley.ShapleyTracker`.
+            :class:`inrun_shapley.ShapleyTracker`; ``record_trajectory=folder`` (and
+            ``trajectory_every``) also records the run for ``inrun_shapley.adjoint_influence``.
 
     Raises:
         ConfigurationError: invalid options (at construction) or more than one optimizer.
@@ -52,7 +53,7 @@ class ShapleyCallback(TrackedValues, Callback):
         self.config = ShapleyConfig(val_data=val_data, val_loss_fn=val_loss_fn, log_dir=log_dir, **options)
         self.ids_fn, self.ids_key = ids_fn, ids_key
         self.tracker = None
-        self.writer = None
+        self.attached = None
         self._restored: dict | None = None
         self._merged: InMemoryValues | None = None
 
@@ -67,10 +68,11 @@ class ShapleyCallback(TrackedValues, Callback):
             raise ConfigurationError(
                 f"ShapleyCallback supports one optimizer; configure_optimizers returned {len(trainer.optimizers)}"
             )
-        self.tracker, self.writer = self.config.build(
+        self.attached = self.config.build(
             pl_module, trainer.optimizers[0], world_size=trainer.world_size, rank=trainer.global_rank,
             resume=self._restored is not None,
         )
+        self.tracker = self.attached.tracker
         if self._restored is not None:
             self.tracker.load_state_dict(self._restored)
         self._merged = None
@@ -93,8 +95,7 @@ class ShapleyCallback(TrackedValues, Callback):
 
     @override
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        if self.writer is not None:
-            self.writer.flush()  # the log is never behind a checkpoint
+        self.attached.flush()  # the log is never behind a checkpoint
 
     @override
     def state_dict(self) -> dict:
@@ -107,16 +108,12 @@ class ShapleyCallback(TrackedValues, Callback):
     @override
     def on_train_end(self, trainer, pl_module) -> None:
         self._merged = merge_across_ranks(self.tracker.store)
-        if self.writer is not None:
-            self.writer.flush()
+        self.attached.flush()
 
     @override
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-        if self.tracker is not None:
-            self.tracker.detach()
+        if self.attached is not None:
+            self.attached.close()
 
     # ----------------------------------------------------------------- results
     def _store(self) -> InMemoryValues:

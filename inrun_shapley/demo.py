@@ -45,7 +45,9 @@ class DemoConfig:
         seeds: one full run per seed (data split, flips, init, batch order).
         flip: fraction of training labels flipped.
         n_train: training split size (the rest of the 1,797 images is split into val and test).
-        n_val: clean validation rows defining the values (the tracker's objective).
+        n_val: clean validation rows defining the values (the tracker's objective). 400 rather
+            than 200: on held-out seeds 3 and 4 (not the reported 0-2) the larger set gave a
+            cleaner validation direction, flip AUC 0.944/0.915 vs 0.882/0.901.
         scale: input scaling, ``"standardize"`` (per-pixel z-score) or ``"unit"`` (÷16).
         epochs: training epochs (tracked run and every retraining).
         batch_size: training batch size.
@@ -58,8 +60,8 @@ class DemoConfig:
 
     seeds: tuple = (0,)
     flip: float = 0.2
-    n_train: int = 1200
-    n_val: int = 200
+    n_train: int = 1000
+    n_val: int = 400
     scale: str = "standardize"
     epochs: int = 12
     batch_size: int = 32
@@ -70,11 +72,11 @@ class DemoConfig:
     progress: bool = True
 
 
-def digits_with_flips(seed: int, flip: float, n_train: int = 1200, n_val: int = 200, scale: str = "standardize"):
+def digits_with_flips(seed: int, flip: float, n_train: int = 1000, n_val: int = 400, scale: str = "standardize"):
     """Digits split into (train with flipped labels, clean val, clean test) and the flip mask.
 
-    ``scale="standardize"``: per-pixel z-scores from the training split; ``"unit"``: intensities
-    divided by 16 (range [0, 1]). The test split is what remains after train and val.
+    ``scale="standardize"``: per-pixel z-scores from the training split (scale floored at one
+    intensity level); ``"unit"``: intensities divided by 16 (range [0, 1]). The test split is what remains after train and val.
     """
     from sklearn.datasets import load_digits
 
@@ -85,7 +87,11 @@ def digits_with_flips(seed: int, flip: float, n_train: int = 1200, n_val: int = 
     if scale == "unit":
         x = x / 16.0
     else:
-        x = (x - x[:n_train].mean(0)) / (x[:n_train].std(0) + 1e-6)
+        # z-scores from the training split, with the scale floored at one intensity level (of
+        # 0..16): a pixel (nearly) constant in the training split must not turn a validation or
+        # test image with ink there into a feature of size 1e6, which would dominate every
+        # gradient taken on it.
+        x = (x - x[:n_train].mean(0)) / np.maximum(x[:n_train].std(0), 1.0)
     y_train = y[:n_train].copy()
     flipped = np.zeros(n_train, dtype=bool)
     flipped[rng.choice(n_train, int(round(flip * n_train)), replace=False)] = True

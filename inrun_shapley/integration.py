@@ -102,6 +102,9 @@ class ShapleyConfig:
         log_dir: write values to this value log (per rank ``rank{r}`` under DDP, merged on load);
             None keeps them in memory only.
         flush_every: steps between log flushes.
+        record_trajectory: also record the run for the adjoint pass
+            (:class:`~inrun_shapley.trajectory.TrajectoryRecorder` in this folder; single process).
+        trajectory_every: 1 stores every step; k > 1 stores checkpoints every k steps (replayed).
         Other fields: as in :class:`ShapleyTracker`.
     """
 
@@ -118,6 +121,8 @@ class ShapleyConfig:
     strict: bool = True
     log_dir: str | os.PathLike | None = None
     flush_every: int = 50
+    record_trajectory: str | os.PathLike | None = None
+    trajectory_every: int = 1
 
     def __post_init__(self) -> None:
         if self.val_data is None:
@@ -138,9 +143,14 @@ class ShapleyConfig:
         root = Path(self.log_dir)
         return root / f"rank{rank}" if world_size > 1 else root
 
-    def build(self, model: nn.Module, optimizer, *, world_size: int = 1, rank: int = 0, resume: bool = False):
-        """A tracker attached to ``model``/``optimizer`` and its log writer (or None)."""
+    def build(self, model: nn.Module, optimizer, *, world_size: int = 1, rank: int = 0,
+              resume: bool = False) -> "Attached":
+        """A tracker attached to ``model``/``optimizer``, its log writer and trajectory recorder."""
         from inrun_shapley.log import ShapleyLogWriter
+        from inrun_shapley.trajectory import TrajectoryRecorder
+
+        if self.record_trajectory is not None and world_size > 1:
+            raise ConfigurationError("record_trajectory records a single-process run; it is not supported under DDP")
 
         tracker = ShapleyTracker(
             model, optimizer, val_data=self.val_data, val_loss_fn=self.val_loss_fn or default_loss,
@@ -157,7 +167,36 @@ class ShapleyConfig:
                 metadata={"estimator": self.estimator, "order": self.order, "rank": rank, "world_size": world_size},
             )
             tracker.sink = writer
-        return tracker, writer
+        recorder = None
+        if self.record_trajectory is not None:
+            recorder = TrajectoryRecorder(self.record_trajectory, every=self.trajectory_every, overwrite=resume)
+            tracker.add_step_listener(recorder)
+        return Attached(tracker, writer, recorder)
+
+
+@dataclass
+class Attached:
+    """What :meth:`ShapleyConfig.build` attached: close it when training ends."""
+
+    tracker: ShapleyTracker
+    writer: Any = None
+    recorder: Any = None
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+        if self.recorder is not None:
+            self.recorder.flush()
+
+    def close(self) -> None:
+        """Flush and close the log and the recording, remove the tracker's hooks (idempotent)."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self.recorder is not None:
+            self.recorder.close()
+            self.recorder = None
+        self.tracker.detach()
 
 
 def _as_numpy_state(state: dict) -> dict:

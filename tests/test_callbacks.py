@@ -174,3 +174,14 @@ def test_accelerate_two_processes_equals_one(tmp_path):
     result = _run_distributed("accelerate_ddp.py", tmp_path)
     ref, counts = plain_values(batch_size=8)
     assert close(result["values"], ref) and np.array_equal(result["counts"], counts)
+
+
+def test_lightning_records_the_trajectory_for_the_adjoint_pass(tmp_path):
+    from inrun_shapley import Recording
+
+    _, val = data()
+    cb = ShapleyCallback(val_data=val, record_trajectory=tmp_path / "run")
+    fit(cb, max_epochs=1)
+    rec = Recording.load(tmp_path / "run")
+    assert (rec.first_step, rec.last_step) == (1, 4)
+    assert sorted(rec.ids(1).tolist()) == list(range(8))
