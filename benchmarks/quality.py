@@ -5,6 +5,7 @@ Run::
     python benchmarks/quality.py                  # full setup (M=50 retrained models), minutes
     python benchmarks/quality.py --quick          # smoke run (M=8, tiny MLP), seconds
     python benchmarks/quality.py --only grad_dot,exact_if --out benchmarks/RESULTS_quality.md
+    python benchmarks/quality.py --only inrun     # our in-run / adjoint / BIF / learned-weights rows
 
 Per method: LDS on the margin (mean ± std over the queries) on the clean setup, flipped-label
 detection AUC on the noisy setup (20 % flipped; per-sample value ``sum_q scores[i, q]``, low =
@@ -17,6 +18,12 @@ scores, positive = including sample i raises query q's margin (see ``peers.py`` 
 baseline is brought to that convention), e.g.::
 
     METHODS["in-run Shapley (per query)"] = lambda setup: my_inrun_scores(setup)
+
+Our methods (``ours.py``; its docstring documents how each is brought to that convention): the
+per-query in-run values (fixed-state Shapley and SGD-form, two trackers on ONE shared training run
+that also records the trajectory), the adjoint pass over that recording, the BIF at large γ, and
+the last-checkpoint gradient dot product with learned per-tensor group weights. Lines under the
+table note the shared run and each method's settings/diagnostics.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import lds_harness  # noqa: E402
+import ours  # noqa: E402
 import peers  # noqa: E402
 
 # name -> fn(setup) -> scores [n_train, Q] (positive = including i raises query q's margin)
@@ -53,8 +61,16 @@ METHODS: dict[str, Callable] = {
     "dattri IF explicit": peers.dattri_if_explicit,
     "dattri TRAK (5 models)": peers.dattri_trak,
     "traker TRAK (5 models)": peers.traker_trak,
+    # ours (ours.py): scores positive = including i raises query q's margin, conversions documented there
+    "in-run shapley (per-query, one-step)": ours.inrun_shapley_per_query,  # tracker value = −Δ(−margin)
+    "in-run sgd-form (per-query)": ours.inrun_sgd_per_query,  # same run, estimator="sgd"
+    "adjoint (loo J, default damping)": ours.adjoint_loo,  # f_q = margin, scores as returned
+    "BIF (large γ)": ours.bif_large_gamma,  # observable = margin, .influence as returned
+    "grad dot, learned group weights": ours.grad_dot_learned_weights,  # query loss = −margin
 }
+# reference methods of peers.py (``--only ours``) and our library's methods (``--only inrun``)
 OURS = ("grad dot (TracIn, last ckpt)", "TracIn (ckpts)", "exact damped IF (Hessian)", "exact damped IF (GGN)")
+INRUN = tuple(ours.METHODS)
 
 
 @dataclass
@@ -151,13 +167,15 @@ def main(argv=None) -> list[Row]:
     p = argparse.ArgumentParser(description="LDS / flipped-label AUC of every registered method.")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny setup")
     p.add_argument("--out", default=None, help="markdown file for the table (default: print only)")
-    p.add_argument("--only", default=None, help="comma-separated method names (or 'ours')")
+    p.add_argument("--only", default=None, help="comma-separated method names (or 'ours', or 'inrun')")
     p.add_argument("--cache-dir", default=str(lds_harness.DEFAULT_CACHE))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-auc", action="store_true", help="skip the noisy setup")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    ours.QUICK = args.quick  # tiny BIF sampling in the smoke run
+    ours.NOTES.clear()
 
     t0 = time.perf_counter()
     setup = lds_harness.build_setup(args.cache_dir, seed=args.seed, quick=args.quick)
@@ -166,6 +184,8 @@ def main(argv=None) -> list[Row]:
     names = list(METHODS)
     if args.only == "ours":
         names = [n for n in names if n in OURS]
+    elif args.only == "inrun":
+        names = [n for n in names if n in INRUN]
     elif args.only:
         names = [n.strip() for n in args.only.split(",")]
         unknown = [n for n in names if n not in METHODS]
@@ -177,6 +197,9 @@ def main(argv=None) -> list[Row]:
         print(f"[{name}] ...", file=sys.stderr, flush=True)
         rows.append(run_method(name, METHODS[name], setup, noisy))
     out = table(rows)
+    notes = [f"- {k}: {v}" for k, v in ours.NOTES.items()]
+    if notes:
+        out += "\n\n" + "\n".join(notes)
     cmd = "python " + " ".join([os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv)))
     header = (f"LDS setup: {setup.n_train} train / {setup.n_queries} queries, {len(setup.subsets)} models on "
               f"alpha=0.5 subsets, recipe {setup.recipe}; setup built/loaded in {t_setup:.1f} s "
