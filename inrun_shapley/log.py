@@ -84,6 +84,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from inrun_shapley.atomic import atomic_write, npy_bytes, npz_bytes
 from inrun_shapley.errors import ConfigurationError, LogError, NonFiniteError, SampleIdError
 
 FORMAT_NAME = "inrun-shapley-log"
@@ -179,38 +180,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> dict[str, Any]:
-    """Write ``data`` to ``path`` atomically: temp file, fsync, ``os.replace``.
-
-    Returns:
-        The file's entry for the header: name, byte size, CRC-32.
-    """
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    return {"file": path.name, "bytes": len(data), "crc32": zlib.crc32(data) & 0xFFFFFFFF}
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
 
 
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
 
 
 def _read_checked(root: Path, entry: dict[str, Any], verify: bool) -> bytes:
@@ -872,9 +845,9 @@ class ShapleyLogWriter:
             }
             if self.record_steps:
                 records = np.concatenate(self._buffer_records)
-                entry["steps"] = _atomic_write(root / f"steps-{gen:06d}.npy", _npy_bytes(records))
+                entry["steps"] = atomic_write(root / f"steps-{gen:06d}.npy", npy_bytes(records))
                 entry["steps"]["rows"] = int(records.shape[0])
-            entry["stats"] = _atomic_write(root / f"stats-{gen:06d}.npy", _npy_bytes(stats))
+            entry["stats"] = atomic_write(root / f"stats-{gen:06d}.npy", npy_bytes(stats))
             entry["stats"]["rows"] = int(stats.shape[0])
             chunks.append(entry)
         totals_entry = None
@@ -883,7 +856,7 @@ class ShapleyLogWriter:
             sparse = self._totals.sparse()
             n_ids = int(sparse["ids"].shape[0])
             max_id = int(sparse["ids"][-1]) if n_ids else -1
-            totals_entry = _atomic_write(root / f"totals-{gen:06d}.npz", _npz_bytes(sparse))
+            totals_entry = atomic_write(root / f"totals-{gen:06d}.npz", npz_bytes(sparse))
         old_totals = header.get("totals")
         header.update(
             {
@@ -902,7 +875,7 @@ class ShapleyLogWriter:
                 "chunks": chunks,
             }
         )
-        _atomic_write(root / META_FILE, json.dumps(header, indent=1).encode())  # commit point
+        atomic_write(root / META_FILE, json.dumps(header, indent=1).encode())  # commit point
         _fsync_dir(root)
         self._header = header
         self._flushed_step = self._last_step
@@ -1200,7 +1173,7 @@ class ShapleyLog:
         header["n_ids"] = int(ids.shape[0])
         header["max_id"] = int(ids[-1]) if ids.size else -1
         header["record_steps"] = self.steps is not None
-        header["totals"] = _atomic_write(root / "totals-000001.npz", _npz_bytes(sparse))
+        header["totals"] = atomic_write(root / "totals-000001.npz", npz_bytes(sparse))
         chunks = []
         if self.step_stats.shape[0]:
             entry: dict[str, Any] = {
@@ -1210,13 +1183,13 @@ class ShapleyLog:
                 "steps": None,
             }
             if self.steps is not None:
-                entry["steps"] = _atomic_write(root / "steps-000001.npy", _npy_bytes(self.steps))
+                entry["steps"] = atomic_write(root / "steps-000001.npy", npy_bytes(self.steps))
                 entry["steps"]["rows"] = int(self.steps.shape[0])
-            entry["stats"] = _atomic_write(root / "stats-000001.npy", _npy_bytes(self.step_stats))
+            entry["stats"] = atomic_write(root / "stats-000001.npy", npy_bytes(self.step_stats))
             entry["stats"]["rows"] = int(self.step_stats.shape[0])
             chunks.append(entry)
         header["chunks"] = chunks
-        _atomic_write(root / META_FILE, json.dumps(header, indent=1).encode())
+        atomic_write(root / META_FILE, json.dumps(header, indent=1).encode())
         _fsync_dir(root)
         return root
 

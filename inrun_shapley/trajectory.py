@@ -86,6 +86,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from inrun_shapley.atomic import atomic_write, npz_bytes
 from inrun_shapley.errors import ConfigurationError, LogError, UnsupportedOptimizerError
 from inrun_shapley.optim import adapter_for, innermost_optimizer
 from inrun_shapley.optim.base import as_float
@@ -100,24 +101,8 @@ HYPER_FIELDS = (
 
 
 # ------------------------------------------------------------------------------ file helpers
-def _atomic_write(path: Path, data: bytes) -> dict[str, Any]:
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return {"file": path.name, "bytes": len(data), "crc32": zlib.crc32(data) & 0xFFFFFFFF}
 
 
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
 
 
 def _hyper_row(group: dict) -> list[float]:
@@ -362,11 +347,11 @@ class TrajectoryRecorder:
             if all(key in r for r in recs):
                 arrays[key] = np.stack([r[key] for r in recs])
         first, last = int(arrays["step"][0]), int(arrays["step"][-1])
-        entry = _atomic_write(self.path / f"chunk-{first:09d}.npz", _npz_bytes(arrays))
+        entry = atomic_write(self.path / f"chunk-{first:09d}.npz", npz_bytes(arrays))
         entry.update(first_step=first, last_step=last)
         self._manifest["chunks"].append(entry)
         for step, ck in self._pending_ckpts:
-            e = _atomic_write(self.path / f"ckpt-{step:09d}.npz", _npz_bytes(ck))
+            e = atomic_write(self.path / f"ckpt-{step:09d}.npz", npz_bytes(ck))
             e["step"] = step
             self._manifest["checkpoints"].append(e)
         self._pending_ckpts = []
@@ -375,7 +360,7 @@ class TrajectoryRecorder:
         n = last - self._manifest["first_step"] + 1
         self._manifest["bytes_total"] = total
         self._manifest["bytes_per_step"] = total / n
-        _atomic_write(self.path / MANIFEST, json.dumps(self._manifest, indent=1).encode())
+        atomic_write(self.path / MANIFEST, json.dumps(self._manifest, indent=1).encode())
 
     def close(self) -> None:
         """Flush what is buffered and remove standalone hooks. Idempotent."""
