@@ -62,6 +62,7 @@ NOTES: dict[str, str] = {}  # method name -> one line printed under the quality 
 
 NAMES = {
     "shapley": "in-run shapley (per-query, one-step)",
+    "shapley2": "in-run shapley, second order (per-query)",
     "sgd": "in-run sgd-form (per-query)",
     "adjoint": "adjoint (loo J, default damping)",
     "bif": "BIF (large γ)",
@@ -76,7 +77,8 @@ def neg_margin(model, batch):
 
 # --------------------------------------------------------------------------- the shared run
 class _SharedRun(lds_harness.TrainCallback):
-    """Two per-query trackers (``shapley``, ``sgd``) + one trajectory recorder on one run."""
+    """Three per-query trackers (``shapley`` first and second order, ``sgd``) + one trajectory
+    recorder on one run."""
 
     def __init__(self, setup: LDSSetup, root: Path):
         self.setup, self.root = setup, root
@@ -85,10 +87,11 @@ class _SharedRun(lds_harness.TrainCallback):
         from inrun_shapley import ShapleyTracker
         from inrun_shapley.trajectory import TrajectoryRecorder
 
+        variants = {"shapley": ("shapley", 1), "shapley2": ("shapley", 2), "sgd": ("sgd", 1)}
         self.trackers = {
-            est: ShapleyTracker(model, optimizer, val_data=self.setup.query_set, val_loss_fn=neg_margin,
-                                estimator=est, per_query=True, query_path="exact", record_steps=False)
-            for est in ("shapley", "sgd")
+            key: ShapleyTracker(model, optimizer, val_data=self.setup.query_set, val_loss_fn=neg_margin,
+                                estimator=est, order=order, per_query=True, query_path="exact", record_steps=False)
+            for key, (est, order) in variants.items()
         }
         self.recorder = TrajectoryRecorder(self.root / "every1", every=1)
         self.trackers["shapley"].add_step_listener(self.recorder)
@@ -135,7 +138,7 @@ def shared_run(setup: LDSSetup) -> dict:
     res = {**cb.values, "recording": root / "every1", "model": model.eval(), "seconds": seconds}
     _RUNS[id(setup)] = (setup, res)
     note = (f"one training run with both per-query trackers + a recorder ({seconds:.1f} s) is shared by "
-            f"'{NAMES['shapley']}', '{NAMES['sgd']}' and '{NAMES['adjoint']}'; its time and memory are "
+            f"'{NAMES['shapley']}', '{NAMES['shapley2']}', '{NAMES['sgd']}' and '{NAMES['adjoint']}'; its time and memory are "
             "counted in the first of them that runs, the others reuse it")
     NOTES.setdefault("shared run", note)
     return res
@@ -144,6 +147,11 @@ def shared_run(setup: LDSSetup) -> dict:
 def inrun_shapley_per_query(setup: LDSSetup) -> np.ndarray:
     """Per-query fixed-state In-Run Shapley values (AdamW-aware, one-step), ``[n, Q]``."""
     return shared_run(setup)["shapley"]
+
+
+def inrun_shapley2_per_query(setup: LDSSetup) -> np.ndarray:
+    """Per-query second-order In-Run Shapley values (one validation HVP per query and step)."""
+    return shared_run(setup)["shapley2"]
 
 
 def inrun_sgd_per_query(setup: LDSSetup) -> np.ndarray:
@@ -232,11 +240,12 @@ def grad_dot_learned_weights(setup: LDSSetup) -> np.ndarray:
 
 METHODS = {
     NAMES["shapley"]: inrun_shapley_per_query,
+    NAMES["shapley2"]: inrun_shapley2_per_query,
     NAMES["sgd"]: inrun_sgd_per_query,
     NAMES["adjoint"]: adjoint_loo,
     NAMES["bif"]: bif_large_gamma,
     NAMES["weights"]: grad_dot_learned_weights,
 }
 
-__all__ = ["METHODS", "NAMES", "NOTES", "QUICK", "shared_run", "inrun_shapley_per_query", "inrun_sgd_per_query",
+__all__ = ["METHODS", "NAMES", "NOTES", "QUICK", "shared_run", "inrun_shapley_per_query", "inrun_shapley2_per_query", "inrun_sgd_per_query",
            "adjoint_loo", "bif_large_gamma", "grad_dot_learned_weights", "fitting_queries"]

@@ -131,8 +131,9 @@ class ShapleyTracker:
             ``torch.distributed`` world size, else 1).
         per_query: score every sample against every validation row separately (the rows are the
             queries; ``val_loss_fn`` returns ``[m]`` per-row or ``[m, T]`` per-token losses, a
-            query per row or per token): values become ``[n, Q]`` (first order; estimators
-            ``shapley``, ``loo``, ``sgd``). Cost grows with Q: one direction per query.
+            query per row or per token): values become ``[n, Q]`` (estimators ``shapley`` at first
+            or second order, ``loo``, ``sgd``). Cost grows with Q: one direction per query (second
+            order: plus one batched Hessian-vector product over the queries).
         query_path: how per-query values are computed for Linear and Embedding layers:
             ``"exact"`` (one direction per query through the capture rules), ``"ghost"``
             (pairwise ghost dot products with the query samples' captures, no per-query
@@ -198,8 +199,8 @@ class ShapleyTracker:
             raise ConfigurationError(f"order must be 1 or 2, got {order!r}")
         if order == 2 and estimator != "shapley":
             raise ConfigurationError("order=2 is defined for estimator='shapley' only")
-        if per_query and order == 2:
-            raise ConfigurationError("per_query values are first order: use order=1")
+        if per_query and order == 2 and query_path == "ghost":
+            raise ConfigurationError("second-order per-query values take the exact path: use query_path='exact' or 'auto'")
         if per_query and val_sample_size is not None:
             raise ConfigurationError("per_query values use every query at every step: leave val_sample_size=None")
         if query_path not in QUERY_PATHS:
@@ -675,6 +676,8 @@ class ShapleyTracker:
                 for p, th in zip(self._params, self._theta_before):
                     p.copy_(th)
             with self._suspend():
+                if self.per_query:  # H_q u for every query q (u is shared)
+                    return self.validation.query_gradients(self.model, self._params, hvp_vectors=u)
                 return self.validation.gradient(self.model, self._params, self.step, hvp_vectors=u)
         finally:
             with torch.no_grad():

@@ -199,7 +199,7 @@ class ValidationObjective:
         return grads, hvps
 
 
-    def query_gradients(self, model: nn.Module, params: Sequence[Tensor], ghost=None) -> list[Tensor]:
+    def query_gradients(self, model: nn.Module, params: Sequence[Tensor], ghost=None, hvp_vectors=None):
         """Gradient of every query's own loss: one ``[Q, *param.shape]`` tensor per parameter.
 
         Queries are the rows of the validation set (all of them, every step); a loss function
@@ -210,11 +210,15 @@ class ValidationObjective:
         ``ghost`` (a :class:`~inrun_shapley.ghost.GhostQueries`) also records, in the same
         forward, the query-side captures of the ghost-path layers (``params`` then holds only
         the parameters left on the exact path, possibly none).
+
+        ``hvp_vectors`` (one tensor per param, second order): also return every query's
+        Hessian-vector product ``H_q u`` (``[Q, *shape]`` per param), i.e. ``(grads, hvps)``.
         """
         if self.sample_size is not None:
             raise ConfigurationError("per-query values use every query at every step: leave val_sample_size=None")
         device = params[0].device if params else next(model.parameters()).device
         pieces: list[list[Tensor]] = [[] for _ in params]
+        hvp_pieces: list[list[Tensor]] = [[] for _ in params]
         ctx = eval_mode(model) if self.use_eval_mode else _null()
         with ctx, torch.enable_grad():
             for batch, rows in self.chunks(0):
@@ -230,16 +234,18 @@ class ValidationObjective:
                 if not params:
                     continue
                 flat = up(losses).reshape(-1)
-                eye = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
-                try:
-                    grads = torch.autograd.grad(flat, params, grad_outputs=eye, is_grads_batched=True,
-                                                allow_unused=True, retain_graph=True)
-                except RuntimeError:  # an op without a vmap rule: one backward per query
-                    per_q = [torch.autograd.grad(f, params, allow_unused=True, retain_graph=True) for f in flat]
-                    grads = [None if per_q[0][i] is None else torch.stack([g[i] for g in per_q]) for i in range(len(params))]
+                if hvp_vectors is not None:
+                    grads, hvps = _per_query_grads_and_hvps(flat, params, hvp_vectors)
+                    for acc, h, prm in zip(hvp_pieces, hvps, params):
+                        acc.append(up(torch.zeros(flat.numel(), *prm.shape, device=device)) if h is None else up(h))
+                else:
+                    grads = _per_query_grads(flat, params)
                 for acc, g, prm in zip(pieces, grads, params):
                     acc.append(up(torch.zeros(flat.numel(), *prm.shape, device=device)) if g is None else up(g.detach()))
-        return [torch.cat(acc) for acc in pieces]
+        grads = [torch.cat(acc) for acc in pieces]
+        if hvp_vectors is not None:
+            return grads, [torch.cat(acc) for acc in hvp_pieces]
+        return grads
 
     def query_count(self, model: nn.Module, device) -> int:
         """Number of queries (rows, or rows × tokens for per-token losses)."""
@@ -247,6 +253,29 @@ class ValidationObjective:
         with torch.no_grad():
             per_row = self.per_sample_losses(model, batch, device)
         return len(self) * (per_row[0].numel() if per_row.dim() > 1 else 1)
+
+
+def _per_query_grads(flat: Tensor, params: Sequence[Tensor], create_graph: bool = False) -> list:
+    """``[Q, *shape]`` gradient of each entry of ``flat`` (one batched backward, or a loop)."""
+    eye = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
+    try:
+        return list(torch.autograd.grad(flat, params, grad_outputs=eye, is_grads_batched=True,
+                                        allow_unused=True, retain_graph=True, create_graph=create_graph))
+    except RuntimeError:  # an op without a vmap rule: one backward per query
+        per_q = [torch.autograd.grad(f, params, allow_unused=True, retain_graph=True, create_graph=create_graph)
+                 for f in flat]
+        return [None if per_q[0][i] is None else torch.stack([g[i] for g in per_q]) for i in range(len(params))]
+
+
+def _per_query_grads_and_hvps(flat: Tensor, params: Sequence[Tensor], vectors: Sequence[Tensor]):
+    """Per-query gradients and ``H_q u`` (``u`` shared by all queries): the HVPs are the
+    gradients of ``<g_q, u>``, one more batched backward."""
+    grads = _per_query_grads(flat, params, create_graph=True)
+    dots = sum((g * v.to(g.dtype)).reshape(g.shape[0], -1).sum(1) for g, v in zip(grads, vectors) if g is not None)
+    if not isinstance(dots, Tensor) or not dots.requires_grad:
+        return [None if g is None else g.detach() for g in grads], [None] * len(params)
+    hvps = _per_query_grads(dots, params)
+    return [None if g is None else g.detach() for g in grads], [None if h is None else h.detach() for h in hvps]
 
 
 @contextmanager

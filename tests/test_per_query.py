@@ -11,14 +11,15 @@ from tests import oracles
 from tests.test_tracker_exact import OPTIMIZERS, MixedNet, make_data, val_loss_fn
 
 
-@pytest.mark.parametrize("opt_name", ["sgd_momentum", "adam", "adamw"])
-def test_per_query_values_equal_brute_force(opt_name):
+@pytest.mark.parametrize("opt_name, order", [("sgd_momentum", 1), ("adam", 1), ("adamw", 1),
+                                             ("sgd_momentum", 2), ("adamw", 2)])
+def test_per_query_values_equal_brute_force(opt_name, order):
     torch.manual_seed(0)
     model = MixedNet()
     make_opt, kind = OPTIMIZERS[opt_name]
     opt = make_opt(model.parameters())
     queries = make_data(4, 100)
-    tr = ShapleyTracker(model, opt, val_data=queries, val_loss_fn=val_loss_fn, per_query=True)
+    tr = ShapleyTracker(model, opt, val_data=queries, val_loss_fn=val_loss_fn, per_query=True, order=order)
     for step in range(3):
         img, tokens, y = make_data(6, step)
         with tr.batch(torch.arange(6) + 10 * step):
@@ -29,9 +30,13 @@ def test_per_query_values_equal_brute_force(opt_name):
         contrib = {k: v / 6 for k, v in contrib.items()}
         g_full = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
         fixed = oracles.make_step(kind, snap, theta, g_full, frozen=True)
+        query_loss = [
+            lambda f, q=q: F.cross_entropy(f(queries[0][q:q + 1], queries[1][q:q + 1]), queries[2][q:q + 1])
+            for q in range(4)
+        ]
         ref = torch.stack([
-            oracles.reference_values(fixed, theta, contrib, oracles.loss_grad(
-                model, lambda f, q=q: F.cross_entropy(f(queries[0][q:q + 1], queries[1][q:q + 1]), queries[2][q:q + 1])))
+            oracles.reference_values(fixed, theta, contrib, oracles.loss_grad(model, query_loss[q]), order=order,
+                                     hvp_fn=lambda u, q=q: oracles.hvp(model, query_loss[q], theta, u))
             for q in range(4)
         ], dim=1)
         opt.step()
@@ -67,7 +72,7 @@ def test_per_token_queries_sum_to_the_row_query():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"order": 2}, "per_query values are first order"),
+    ({"order": 2, "query_path": "ghost"}, "second-order per-query values take the exact path"),
     ({"val_sample_size": 2}, "use every query at every step"),
     ({"group_values": True}, "group_values are kept for the mean validation loss"),
 ])
