@@ -130,6 +130,20 @@ def run_seed(seed: int, n_models: int, plot: str | None):
     return results, learned, t_retrain, timings
 
 
+def print_seed_results(results: dict, table: dict, name_of) -> None:
+    """Print one seed's results (learned weights, objective before -> after, LDS values) and
+    append its LDS values to ``table`` (key -> list over seeds). Shared with weighting_text.py."""
+    for key, val in results.items():
+        name = name_of(key)
+        if isinstance(val, GroupWeights):
+            print(f"  {name} " + " ".join(f"{g}={w:.3f}" for g, w in val.as_dict().items()))
+        elif isinstance(val, tuple):
+            print(f"  {name} {val[0]:.4f} -> {val[1]:.4f}")
+        else:
+            print(f"  {name} LDS {val:.4f}")
+            table.setdefault(key, []).append(val)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -145,14 +159,7 @@ def main():
         for base, (tc, tf) in timings.items():
             print(f"{base}: components {tc:.2f}s (fit + LDS queries), one fit {tf:.2f}s")
             print(learned[base].table())
-        for key, val in results.items():
-            if isinstance(val, GroupWeights):
-                print(f"  {key[0]:<14} {key[1]:<28} " + " ".join(f"{g}={w:.3f}" for g, w in val.as_dict().items()))
-            elif isinstance(val, tuple):
-                print(f"  {key[0]:<14} {key[1]:<28} {val[0]:.4f} -> {val[1]:.4f}")
-            else:
-                print(f"  {key[0]:<14} {key[1]:<28} LDS {val:.4f}")
-                table.setdefault(key, []).append(val)
+        print_seed_results(results, table, lambda key: f"{key[0]:<14} {key[1]:<28}")
 
     print(f"\n=== LDS, mean ± std over seeds {args.seeds} (M={args.models}, per-tensor groups)")
     for (base, label), vals in table.items():

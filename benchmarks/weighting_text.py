@@ -50,6 +50,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from text_source_id import TinyTransformerLM, lm_losses  # noqa: E402
+from weighting_digits import print_seed_results  # noqa: E402
 
 from inrun_shapley.metrics import linear_datamodeling_score  # noqa: E402
 from inrun_shapley.textdata import QUERY_KINDS, WordTokenizer, make_corpus, paraphrase  # noqa: E402
@@ -231,15 +232,7 @@ def main():
             print(f"{base}: components {tc:.2f}s (fit + LDS queries), one fit {tf:.2f}s")
             if n_seed == 0:
                 print(learned[base].table())
-        for key, val in results.items():
-            name = f"{key[0]:<14} {key[1]:<10} {key[2]:<28}"
-            if isinstance(val, GroupWeights):
-                print(f"  {name} " + " ".join(f"{g}={w:.3f}" for g, w in val.as_dict().items()))
-            elif isinstance(val, tuple):
-                print(f"  {name} {val[0]:.4f} -> {val[1]:.4f}")
-            else:
-                print(f"  {name} LDS {val:.4f}")
-                table.setdefault(key, []).append(val)
+        print_seed_results(results, table, lambda key: f"{key[0]:<14} {key[1]:<10} {key[2]:<28}")
 
     print(f"\n=== LDS, mean ± std over seeds {args.seeds} (M={args.models}, {args.groups} groups; "
           f"per seed after the ±)")
