@@ -107,27 +107,45 @@ def run_seed(seed: int, n_models: int, plot: str | None):
     lrs = [LR] * len(ckpts)
     results, timings, learned = {}, {}, {}
     for base, pc in (("grad_dot", None), ("grad_dot+adam", preconds)):
-        t1 = time.perf_counter()
         common = dict(checkpoints=ckpts, lrs=lrs, preconditioner=pc, query_loss_fn=neg_margin_loss, batch_size=200)
-        comps_lds = compute_group_components(ref, F.cross_entropy, (x, y), (xq, yq), "tensor", **common)
-        comps_fit = compute_group_components(ref, F.cross_entropy, (x, y), (xf, yf), "tensor", **common)
-        t2 = time.perf_counter()
-        w_fit = fit_weights(comps_fit, FitConfig(seed=seed), aspect=f"{base} (fit queries)")
-        w_self = fit_weights(comps_lds, FitConfig(seed=seed), aspect=f"{base} (LDS queries)")
-        t3 = time.perf_counter()
-        timings[base] = (t2 - t1, (t3 - t2) / 2)
+        comps_lds, w_fit, w_self, labelled, timings[base] = fit_on_both_query_sets(
+            lambda queries: compute_group_components(ref, F.cross_entropy, (x, y), queries, "tensor", **common),
+            (xq, yq), (xf, yf), base, seed,
+        )
         learned[base] = w_fit
         results[(base, "weights fitted on LDS queries")] = w_self
-        for label, w in (
-            ("uniform", GroupWeights.uniform(comps_lds.group_names)),
-            ("learned/fit-queries", w_fit),
-            ("learned/LDS-queries", w_self),
-        ):
+        for label, w in labelled:
             results[(base, label)] = linear_datamodeling_score(reweigh(comps_lds, w), subsets, outputs)
         results[(base, "objective uniform->fitted")] = (w_fit.fit_info["uniform_objective"], w_fit.objective_trace.min())
     if plot:
         plot_group_weights({k: v for k, v in learned.items()}, plot.replace(".png", f"_seed{seed}.png"))
     return results, learned, t_retrain, timings
+
+
+def fit_on_both_query_sets(components_for, lds_queries, fit_queries, base: str, seed: int):
+    """Components on the LDS and the fitting queries, weights fitted on each (label-free).
+
+    Args:
+        components_for: ``queries -> GroupComponents`` for one base method.
+
+    Returns:
+        ``(LDS-query components, weights fitted on the fitting queries, weights fitted on the LDS
+        queries, [(label, weights)] to evaluate, (components seconds, seconds per fit))``.
+        Shared with weighting_text.py.
+    """
+    t1 = time.perf_counter()
+    comps_lds = components_for(lds_queries)
+    comps_fit = components_for(fit_queries)
+    t2 = time.perf_counter()
+    w_fit = fit_weights(comps_fit, FitConfig(seed=seed), aspect=f"{base} (fit queries)")
+    w_self = fit_weights(comps_lds, FitConfig(seed=seed), aspect=f"{base} (LDS queries)")
+    t3 = time.perf_counter()
+    labelled = (
+        ("uniform", GroupWeights.uniform(comps_lds.group_names)),
+        ("learned/fit-queries", w_fit),
+        ("learned/LDS-queries", w_self),
+    )
+    return comps_lds, w_fit, w_self, labelled, (t2 - t1, (t3 - t2) / 2)
 
 
 def print_seed_results(results: dict, table: dict, name_of) -> None:

@@ -50,17 +50,15 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from text_source_id import TinyTransformerLM, lm_losses  # noqa: E402
-from weighting_digits import print_seed_results  # noqa: E402
+from weighting_digits import fit_on_both_query_sets, print_seed_results  # noqa: E402
 
 from inrun_shapley.metrics import linear_datamodeling_score  # noqa: E402
 from inrun_shapley.textdata import QUERY_KINDS, WordTokenizer, make_corpus, paraphrase  # noqa: E402
 from inrun_shapley.weighting import (  # noqa: E402
-    FitConfig,
     GroupWeights,
     ParameterGroups,
     adam_preconditioner,
     compute_group_components,
-    fit_weights,
     reweigh,
 )
 
@@ -175,22 +173,14 @@ def run_seed(seed: int, n_models: int, group_kind: str):
 
     results, timings, learned = {}, {}, {}
     for base, pc in (("grad_dot", None), ("grad_dot+adam", preconds)):
-        t1 = time.perf_counter()
         common = dict(checkpoints=ckpts, lrs=[LR] * len(ckpts), preconditioner=pc, batch_size=N_TRAIN)
-        comps_lds = compute_group_components(ref, seq_loss, xy(train), xy(q_lds), groups, **common)
-        comps_fit = compute_group_components(ref, seq_loss, xy(train), xy(q_fit), groups, **common)
-        t2 = time.perf_counter()
-        w_fit = fit_weights(comps_fit, FitConfig(seed=seed), aspect=f"{base} (fit queries)")
-        w_self = fit_weights(comps_lds, FitConfig(seed=seed), aspect=f"{base} (LDS queries)")
-        t3 = time.perf_counter()
-        timings[base] = (t2 - t1, (t3 - t2) / 2)
+        comps_lds, w_fit, w_self, labelled, timings[base] = fit_on_both_query_sets(
+            lambda queries: compute_group_components(ref, seq_loss, xy(train), xy(queries), groups, **common),
+            q_lds, q_fit, base, seed,
+        )
         learned[base] = w_fit
         results[(base, "", "weights fitted on LDS queries")] = w_self
-        for label, w in (
-            ("uniform", GroupWeights.uniform(comps_lds.group_names)),
-            ("learned/fit-queries", w_fit),
-            ("learned/LDS-queries", w_self),
-        ):
+        for label, w in labelled:
             scores = reweigh(comps_lds, w)
             for kind in kinds:
                 results[(base, kind, label)] = linear_datamodeling_score(
