@@ -41,7 +41,7 @@ import lds_harness  # noqa: E402
 import quality  # noqa: E402
 
 from inrun_shapley import ShapleyTracker  # noqa: E402
-from inrun_shapley.adjoint import adjoint_influence  # noqa: E402
+from inrun_shapley.posthoc.adjoint import adjoint_influence  # noqa: E402
 from inrun_shapley.trajectory import Recording, TrajectoryRecorder  # noqa: E402
 
 

@@ -31,7 +31,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from inrun_shapley.bif import BIFConfig, bayesian_influence, rank_stability
+from inrun_shapley.posthoc.bif import BIFConfig, bayesian_influence, rank_stability
 from inrun_shapley.metrics import spearman
 
 HERE = pathlib.Path(__file__).resolve().parent

@@ -1,7 +1,7 @@
 """Attribute with the Bayesian Influence Function from a Lightning checkpoint.
 
 Two ways to get w* out of a ``.ckpt`` file, then one call to
-:func:`inrun_shapley.bif.bayesian_influence`:
+:func:`inrun_shapley.posthoc.bif.bayesian_influence`:
 
 - :func:`bif_from_checkpoint`: rebuild the ``LightningModule`` with its own
   ``load_from_checkpoint`` (hyper-parameters saved with ``save_hyperparameters()``) and sample it.
@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from inrun_shapley.bif import BIFConfig, BIFResult, bayesian_influence
+from inrun_shapley.posthoc.bif import BIFConfig, BIFResult, bayesian_influence
 
 
 def bif_from_checkpoint(
@@ -47,11 +47,11 @@ def bif_from_checkpoint(
         checkpoint_path: path of the ``.ckpt`` file.
         loss_fn: ``loss_fn(module, batch) -> [B]`` per-sample losses (reduction="none").
         train_loader, train_samples, queries, config, observable_fn, params, progress: as in
-            :func:`inrun_shapley.bif.bayesian_influence`.
+            :func:`inrun_shapley.posthoc.bif.bayesian_influence`.
         map_location: device to load the weights onto.
 
     Returns:
-        The :class:`~inrun_shapley.bif.BIFResult` (``bif`` is ``[n_train, n_queries]``; positive =
+        The :class:`~inrun_shapley.posthoc.bif.BIFResult` (``bif`` is ``[n_train, n_queries]``; positive =
         including the training sample raises the observable).
     """
     module = module_cls.load_from_checkpoint(str(checkpoint_path), map_location=map_location)

@@ -17,10 +17,10 @@ gets there:
   ``shapley`` tracker) for the adjoint pass. The run is done once per setup and cached in this
   process (:func:`shared_run`), so whichever of the three methods runs first pays for it and the
   others reuse it (``quality.py`` prints that note under the table).
-* **adjoint** (:func:`adjoint_loo`): :func:`inrun_shapley.adjoint.adjoint_influence` on that
+* **adjoint** (:func:`adjoint_loo`): :func:`inrun_shapley.posthoc.adjoint.adjoint_influence` on that
   recording with ``f_q`` = the query margin and default options (``jacobian="loo"``,
   ``damping="auto"``). It returns ``scores[i, q] > 0`` = including i raises ``f_q``: taken as is.
-* **BIF** (:func:`bif_large_gamma`): :func:`inrun_shapley.bif.bayesian_influence` around the
+* **BIF** (:func:`bif_large_gamma`): :func:`inrun_shapley.posthoc.bif.bayesian_influence` around the
   full-data model with the observable = the query margin, the best-conditioned setting of
   ``benchmarks/RESULTS.md`` §6 (ε = 2e-4, nβ = 50, γ = 1e3, 4 chains × 500 draws, thin 2, burn-in
   = draws, seed 0; SGLD minibatches of 64 as in ``bif_digits.py``), not tuned on LDS.
@@ -28,9 +28,9 @@ gets there:
   is. In ``--quick`` mode (:data:`QUICK`) 2 chains × 20 draws, burn-in 20 (a smoke run only).
 * **grad dot, learned group weights** (:func:`grad_dot_learned_weights`): per-tensor group
   components ``C_j(i, q) = ⟨∇_j ℓ_i, ∇_j(−m_q)⟩`` at the last checkpoint (the full-data model)
-  from :func:`inrun_shapley.weighting.compute_group_components` (query loss = −margin, so
+  from :func:`inrun_shapley.posthoc.weighting.compute_group_components` (query loss = −margin, so
   ``Σ_j C_j`` is exactly ``peers.grad_dot``, positive = raises the margin), weights from
-  :func:`~inrun_shapley.weighting.fit_weights` (default ``FitConfig``, label-free objective,
+  :func:`~inrun_shapley.posthoc.weighting.fit_weights` (default ``FitConfig``, label-free objective,
   never sees the retrained models), scores ``reweigh(C_lds, w)``. The harness defines no fitting
   queries, so the weights are fitted on :data:`N_FIT` *separate* held-out digits taken from the
   harness's own split: ``lds_harness.load_data(seed, n_train, Q + N_FIT)`` gives the same
@@ -161,7 +161,7 @@ def inrun_sgd_per_query(setup: LDSSetup) -> np.ndarray:
 
 def adjoint_loo(setup: LDSSetup) -> np.ndarray:
     """Adjoint pass over the shared run's recording, ``f_q`` = margin, default options."""
-    from inrun_shapley.adjoint import adjoint_influence
+    from inrun_shapley.posthoc.adjoint import adjoint_influence
 
     run = shared_run(setup)
     info: dict = {}
@@ -176,7 +176,7 @@ def adjoint_loo(setup: LDSSetup) -> np.ndarray:
 
 # --------------------------------------------------------------------------- BIF
 def bif_config(seed: int = 0):
-    from inrun_shapley.bif import BIFConfig
+    from inrun_shapley.posthoc.bif import BIFConfig
 
     if QUICK:
         return BIFConfig(step_size=2e-4, n_beta=50.0, gamma=1e3, chains=2, draws=20, burn_in=20, thin=1, seed=seed)
@@ -185,7 +185,7 @@ def bif_config(seed: int = 0):
 
 def bif_large_gamma(setup: LDSSetup) -> np.ndarray:
     """``BIFResult.influence`` (β·BIF) with observable = query margin, RESULTS.md §6 setting."""
-    from inrun_shapley.bif import bayesian_influence
+    from inrun_shapley.posthoc.bif import bayesian_influence
 
     cfg = bif_config()
     loader = DataLoader(TensorDataset(*setup.train_set), batch_size=64, shuffle=True)
@@ -220,7 +220,7 @@ def _neg_margin_loss(outputs, y):
 
 def grad_dot_learned_weights(setup: LDSSetup) -> np.ndarray:
     """Per-tensor components of the last-checkpoint gradient dot product, reweighed by fitted weights."""
-    from inrun_shapley.weighting import FitConfig, compute_group_components, fit_weights, reweigh
+    from inrun_shapley.posthoc.weighting import FitConfig, compute_group_components, fit_weights, reweigh
 
     model = setup.model()
     common = dict(query_loss_fn=_neg_margin_loss, batch_size=250)

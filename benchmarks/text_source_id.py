@@ -2,7 +2,7 @@
 
 A small word-level transformer LM (attention written with ``nn.Linear`` projections, so every
 parameterized layer, Embedding, Linear and LayerNorm, has a dedicated capture rule) is trained
-with AdamW on the templated facts of :mod:`inrun_shapley.textdata`. Two per-query trackers watch
+with AdamW on the templated facts of :mod:`benchmarks.common.textdata`. Two per-query trackers watch
 the same run side by side: ``shapley`` (Adam-aware fixed-state values) and ``sgd`` (SGD-form:
 lr × gradient dot product). The queries are paraphrases of particular training sentences; a
 query's loss is the paraphrase's LM loss (mean over its tokens), so a training sentence's value
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inrun_shapley import ShapleyTracker
-from inrun_shapley.textdata import QUERY_KINDS, make_corpus
+from benchmarks.common.textdata import QUERY_KINDS, make_corpus
 
 
 class Block(nn.Module):

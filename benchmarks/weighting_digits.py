@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from inrun_shapley.metrics import linear_datamodeling_score
-from inrun_shapley.weighting import (
+from inrun_shapley.posthoc.weighting import (
     FitConfig,
     GroupWeights,
     adam_preconditioner,

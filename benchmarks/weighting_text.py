@@ -3,7 +3,7 @@
 The text counterpart of ``benchmarks/weighting_digits.py``. Setup, per seed (everything is
 regenerated from the seed: corpus, split, initialization, batch order):
 
-* corpus from :func:`inrun_shapley.textdata.make_corpus` (no download): 160 training sentences
+* corpus from :func:`benchmarks.common.textdata.make_corpus` (no download): 160 training sentences
   and 60 extra generated sentences whose facts are not in training (distinct subject–verb–
   object triples);
 * model: ``TinyTransformerLM`` from ``benchmarks/text_source_id.py`` (word level, d=32, 2 heads,
@@ -53,8 +53,8 @@ from text_source_id import TinyTransformerLM, lm_losses  # noqa: E402
 from weighting_digits import fit_on_both_query_sets, print_seed_results  # noqa: E402
 
 from inrun_shapley.metrics import linear_datamodeling_score  # noqa: E402
-from inrun_shapley.textdata import QUERY_KINDS, WordTokenizer, make_corpus, paraphrase  # noqa: E402
-from inrun_shapley.weighting import (  # noqa: E402
+from benchmarks.common.textdata import QUERY_KINDS, WordTokenizer, make_corpus, paraphrase  # noqa: E402
+from inrun_shapley.posthoc.weighting import (  # noqa: E402
     GroupWeights,
     ParameterGroups,
     adam_preconditioner,

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 from typing import Any, Callable
 
 from inrun_shapley.integration import ShapleyConfig, TrackedValues, merge_across_ranks, sample_ids
-from inrun_shapley.store import InMemoryValues
+from inrun_shapley.engine.store import InMemoryValues
 
 
 class ShapleyHook(TrackedValues):

@@ -10,7 +10,7 @@ from typing_extensions import override
 
 from inrun_shapley.errors import ConfigurationError
 from inrun_shapley.integration import ShapleyConfig, TrackedValues, merge_across_ranks, sample_ids
-from inrun_shapley.store import InMemoryValues
+from inrun_shapley.engine.store import InMemoryValues
 
 
 class ShapleyCallback(TrackedValues, Callback):

@@ -1,11 +1,30 @@
 """inrun-shapley: which training samples helped or hurt your model, computed while it trains.
 
+Quick start (plain PyTorch; Lightning and Accelerate users add ``ShapleyCallback`` or
+``ShapleyHook`` from :mod:`inrun_shapley.callbacks` instead)::
+
+    from inrun_shapley import ShapleyTracker
+
+    tracker = ShapleyTracker(model, optimizer, val_data=(X_val, y_val))
+    for ids in batches_of_row_numbers:
+        with tracker.batch(ids):                 # forward + backward of these rows
+            loss_fn(model(X[ids]), y[ids]).backward()
+        optimizer.step(); optimizer.zero_grad()  # values are computed inside step()
+    tracker.values                               # [n] run value per sample id
+
 Sign and units: a value is positive when the sample lowered the validation loss; values include
-the learning rate, so they are in units of validation loss.
+the learning rate, so they are in units of validation loss. See ``docs/`` for the math.
+
+The post-hoc tools (``bayesian_influence``, ``adjoint_influence``, ...) and the framework
+adapters are imported on first use, so ``import inrun_shapley`` stays light.
 """
 
-from inrun_shapley.adjoint import adjoint_influence
-from inrun_shapley.bif import BIFConfig, BIFResult, bayesian_influence
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from inrun_shapley._version import __version__
 from inrun_shapley.data import IndexedDataset
 from inrun_shapley.errors import (
     AttributionError,
@@ -16,26 +35,45 @@ from inrun_shapley.errors import (
     UnsupportedModuleError,
     UnsupportedOptimizerError,
 )
+from inrun_shapley.engine import ModuleReport, ShapleyTracker, ValidationObjective
 from inrun_shapley.log import ShapleyLog, ShapleyLogWriter
-from inrun_shapley.prune import prune, subset
-from inrun_shapley.tracker import ModuleReport, ShapleyTracker
-from inrun_shapley.trajectory import Recording, TrajectoryRecorder
-from inrun_shapley.validation import ValidationObjective
+from inrun_shapley.prune import prune, subset  # binds the function over the submodule of the same name
 
-__version__ = "0.1.0"
+# name -> module that defines it, imported on first attribute access (PEP 562).
+_LAZY = {
+    "Recording": "inrun_shapley.trajectory",
+    "TrajectoryRecorder": "inrun_shapley.trajectory",
+    "adjoint_influence": "inrun_shapley.posthoc.adjoint",
+    "BIFConfig": "inrun_shapley.posthoc.bif",
+    "BIFResult": "inrun_shapley.posthoc.bif",
+    "bayesian_influence": "inrun_shapley.posthoc.bif",
+    "ShapleyCallback": "inrun_shapley.callbacks.lightning",
+    "ShapleyHook": "inrun_shapley.callbacks.accelerate",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from inrun_shapley.callbacks.accelerate import ShapleyHook
+    from inrun_shapley.callbacks.lightning import ShapleyCallback
+    from inrun_shapley.posthoc.adjoint import adjoint_influence
+    from inrun_shapley.posthoc.bif import BIFConfig, BIFResult, bayesian_influence
+    from inrun_shapley.trajectory import Recording, TrajectoryRecorder
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'inrun_shapley' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "AttributionError",
-    "BIFConfig",
-    "BIFResult",
-    "Recording",
-    "ShapleyLog",
-    "ShapleyLogWriter",
-    "TrajectoryRecorder",
-    "adjoint_influence",
-    "bayesian_influence",
-    "prune",
-    "subset",
     "ConfigurationError",
     "IndexedDataset",
     "LogError",
@@ -45,6 +83,11 @@ __all__ = [
     "ShapleyTracker",
     "UnsupportedModuleError",
     "UnsupportedOptimizerError",
+    "ShapleyLog",
+    "ShapleyLogWriter",
     "ValidationObjective",
     "__version__",
+    "prune",
+    "subset",
+    *_LAZY,
 ]

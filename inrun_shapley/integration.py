@@ -2,7 +2,7 @@
 ids from a batch, a default per-sample loss, and merging in-memory values across ranks.
 
 The adapters in ``inrun_shapley.callbacks`` translate framework events into calls on these and
-on :class:`~inrun_shapley.tracker.ShapleyTracker`; nothing here imports Lightning or Accelerate.
+on :class:`~inrun_shapley.engine.tracker.ShapleyTracker`; nothing here imports Lightning or Accelerate.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from inrun_shapley.errors import ConfigurationError, SampleIdError
-from inrun_shapley.store import InMemoryValues
-from inrun_shapley.tracker import ShapleyTracker
+from inrun_shapley.engine.store import InMemoryValues
+from inrun_shapley.engine.tracker import ShapleyTracker
 
 INPUT_KEYS = ("input", "inputs", "x", "image", "images", "input_ids", "features")
 TARGET_KEYS = ("target", "targets", "y", "label", "labels")

@@ -27,7 +27,7 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from inrun_shapley import ConfigurationError, LogError, ShapleyTracker
-from inrun_shapley.adjoint import adjoint_influence
+from inrun_shapley.posthoc.adjoint import adjoint_influence
 from inrun_shapley.log import ShapleyLog
 from inrun_shapley.trajectory import Recording, TrajectoryRecorder
 

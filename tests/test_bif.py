@@ -1,4 +1,4 @@
-"""Tests of the Bayesian Influence Function (inrun_shapley.bif).
+"""Tests of the Bayesian Influence Function (inrun_shapley.posthoc.bif).
 
 Known answers: a linear-Gaussian model whose SGLD stationary law is exactly Gaussian (closed-form
 covariance, including the step-size bias of unadjusted Langevin), linear regression with query
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from inrun_shapley.bif import (
+from inrun_shapley.posthoc.bif import (
     BIFConfig,
     bayesian_influence,
     effective_sample_size,

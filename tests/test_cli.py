@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from inrun_shapley import plots
-from inrun_shapley.cli import COMMANDS, main
+from inrun_shapley.app import plots
+from inrun_shapley.app.cli import COMMANDS, main
 from inrun_shapley.log import ShapleyLog, ShapleyLogWriter
 from inrun_shapley.prune import prune
 
@@ -214,9 +214,9 @@ def test_help_exits_zero(capsys):
 
 
 def test_console_module_exit_code(tmp_path):
-    """``python -m inrun_shapley.cli`` propagates main's exit code (one subprocess: slow import)."""
+    """``python -m inrun_shapley.app.cli`` propagates main's exit code (one subprocess: slow import)."""
     bad = subprocess.run(
-        [sys.executable, "-m", "inrun_shapley.cli", "report", str(tmp_path / "nope")],
+        [sys.executable, "-m", "inrun_shapley.app.cli", "report", str(tmp_path / "nope")],
         capture_output=True,
         text=True,
         timeout=120,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from inrun_shapley.cli import main
+from inrun_shapley.app.cli import main
 from inrun_shapley.log import ShapleyLog
 
 

@@ -1,4 +1,4 @@
-"""Tests for learned parameter-group weights (inrun_shapley.weighting)."""
+"""Tests for learned parameter-group weights (inrun_shapley.posthoc.weighting)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from inrun_shapley.errors import ConfigurationError, UnsupportedOptimizerError
-from inrun_shapley.weighting import (
+from inrun_shapley.posthoc.weighting import (
     FitConfig,
     GroupComponents,
     GroupWeights,

@@ -207,7 +207,7 @@ class ValidationObjective:
         row-major). One batched backward per chunk of rows (``is_grads_batched``), falling back
         to one backward per query for operations without a batching rule.
 
-        ``ghost`` (a :class:`~inrun_shapley.ghost.GhostQueries`) also records, in the same
+        ``ghost`` (a :class:`~inrun_shapley.engine.ghost.GhostQueries`) also records, in the same
         forward, the query-side captures of the ghost-path layers (``params`` then holds only
         the parameters left on the exact path, possibly none).
 

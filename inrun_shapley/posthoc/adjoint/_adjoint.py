@@ -557,7 +557,7 @@ def adjoint_influence(
         >>> from torch import nn
         >>> from inrun_shapley import ShapleyTracker
         >>> from inrun_shapley.trajectory import TrajectoryRecorder
-        >>> from inrun_shapley.adjoint import adjoint_influence
+        >>> from inrun_shapley.posthoc.adjoint import adjoint_influence
         >>> _ = torch.manual_seed(0)
         >>> model = nn.Linear(3, 1)
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -132,7 +132,7 @@ class GhostQueries:
     """Query-side captures of the ghost layers and the per-step ghost scoring.
 
     Created by the tracker for one optimizer step: :meth:`recording` and :meth:`collect` run
-    inside :meth:`~inrun_shapley.validation.ValidationObjective.query_gradients` (one query
+    inside :meth:`~inrun_shapley.engine.validation.ValidationObjective.query_gradients` (one query
     chunk at a time), :meth:`prepare` folds the step's scalars and preconditioners into the
     query side, and :meth:`dot` scores one training capture against every query.
 
@@ -357,7 +357,7 @@ def plan_query_path(path: str, modules: Mapping[str, tuple], *, estimator: str, 
         modules: the tracker's ``{name: (module, rule, params)}``.
         estimator: the tracker's estimator (``"loo"`` has no ghost form).
         preconditioned: the step has an elementwise preconditioner (Adam with ``"shapley"``).
-        validation: the per-query :class:`~inrun_shapley.validation.ValidationObjective`.
+        validation: the per-query :class:`~inrun_shapley.engine.validation.ValidationObjective`.
         model: the model (one no-grad forward of the first query chunk measures the shapes).
         train_positions: ``{name: B·T}`` of the training step if known (else assumed equal to the
             query chunk's rows × positions).
@@ -410,7 +410,7 @@ def plan_query_path(path: str, modules: Mapping[str, tuple], *, estimator: str, 
 
 def _probe_shapes(modules: Mapping[str, nn.Module], validation, model: nn.Module) -> dict:
     """Positions per query row of each layer (all calls), query rows and tokens per row."""
-    from inrun_shapley.validation import eval_mode
+    from inrun_shapley.engine.validation import eval_mode
 
     batch, rows = next(validation.chunks(0))
     seen: dict[str, int] = {name: 0 for name in modules}

@@ -237,7 +237,7 @@ def _now() -> str:
 
 def _library_version() -> str:
     try:
-        from inrun_shapley import __version__
+        from inrun_shapley._version import __version__
 
         return str(__version__)
     except Exception:  # pragma: no cover

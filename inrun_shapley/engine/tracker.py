@@ -38,10 +38,10 @@ from inrun_shapley.errors import (
     SampleIdError,
     UnsupportedModuleError,
 )
-from inrun_shapley.ghost import QUERY_PATHS, GhostQueries, plan_query_path
+from inrun_shapley.engine.ghost import QUERY_PATHS, GhostQueries, plan_query_path
 from inrun_shapley.optim import adapter_for, innermost_optimizer
-from inrun_shapley.store import InMemoryValues
-from inrun_shapley.validation import ValidationObjective
+from inrun_shapley.engine.store import InMemoryValues
+from inrun_shapley.engine.validation import ValidationObjective
 
 ESTIMATORS = ("shapley", "loo", "sgd")
 
@@ -111,7 +111,7 @@ class ShapleyTracker:
         model: the ``nn.Module`` being trained (never modified: only hooks are added).
         optimizer: a ``torch.optim`` optimizer (or a framework wrapper of one) over the model's
             parameters: ``SGD``, ``Adam`` or ``AdamW`` (and subclasses).
-        val_data: validation set (see :class:`~inrun_shapley.validation.ValidationObjective`).
+        val_data: validation set (see :class:`~inrun_shapley.engine.validation.ValidationObjective`).
         val_loss_fn: ``fn(model, batch) -> per-sample losses [m]`` (or their mean).
         validation: a ready :class:`ValidationObjective` instead of ``val_data``/``val_loss_fn``.
         estimator: ``"shapley"`` (fixed-state Shapley for the optimizer in use, default),
@@ -138,7 +138,7 @@ class ShapleyTracker:
             ``"exact"`` (one direction per query through the capture rules), ``"ghost"``
             (pairwise ghost dot products with the query samples' captures, no per-query
             gradient; exact under SGD and the ``sgd`` estimator, a rank-1 approximation of Adam's
-            preconditioner on Linear weights; see :mod:`inrun_shapley.ghost`), or ``"auto"``
+            preconditioner on Linear weights; see :mod:`inrun_shapley.engine.ghost`), or ``"auto"``
             (per layer, ghost where it is exact and cheaper by estimated FLOPs, decided at the
             first step). Other layers always take the exact path. The choice is in
             :attr:`query_plan`.

@@ -32,7 +32,7 @@ uniform and learned weights before using learned ones (``benchmarks/weighting_di
 
 Example:
     >>> import torch
-    >>> from inrun_shapley.weighting import ParameterGroups
+    >>> from inrun_shapley.posthoc.weighting import ParameterGroups
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
     >>> ParameterGroups.per_module(model).names
     ('0', '2')

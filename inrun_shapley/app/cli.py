@@ -209,7 +209,7 @@ def _report_run(args: argparse.Namespace) -> int:
     if args.out:
         from tqdm.auto import tqdm
 
-        from inrun_shapley import plots
+        from inrun_shapley.app import plots
 
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -247,7 +247,7 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _demo_run(args: argparse.Namespace) -> int:
-    from inrun_shapley.demo import DemoConfig, run_demo
+    from inrun_shapley.app.demo import DemoConfig, run_demo
 
     if not 0.0 < args.flip < 1.0:
         raise _UsageError(f"--flip must be between 0 and 1, got {args.flip}")

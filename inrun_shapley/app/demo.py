@@ -223,7 +223,7 @@ def run_demo(out_dir="inrun_shapley_demo", cfg: DemoConfig | None = None) -> dic
     Returns:
         ``{"auc": {name: [per seed]}, "accuracy": {name: [per seed]}, "files": [...]}``.
     """
-    from inrun_shapley import plots
+    from inrun_shapley.app import plots
 
     cfg = cfg or DemoConfig()
     out = Path(out_dir)
