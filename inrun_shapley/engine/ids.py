@@ -1,0 +1,66 @@
+"""Sample ids: checked once, the same way for the tracker and the framework adapters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from inrun_shapley.errors import SampleIdError
+
+__all__ = ["as_sample_ids", "check_disjoint"]
+
+
+def as_sample_ids(ids: Any) -> Tensor:
+    """The sample ids of one (micro-)batch as a checked ``[n]`` int64 CPU tensor.
+
+    Args:
+        ids: one integer id per row of the batch: a tensor (any device), array or list.
+
+    Raises:
+        SampleIdError: ids missing, empty, not 1-D, not integers, negative, or repeated; the
+            message says what to pass instead.
+    """
+    if ids is None:
+        raise SampleIdError(
+            "no sample ids for this batch: pass one integer id per row, e.g. "
+            "tracker.batch(batch['index']) (wrap your dataset with inrun_shapley.IndexedDataset to get them)"
+        )
+    t = torch.as_tensor(np.asarray(ids.detach().cpu() if isinstance(ids, Tensor) else ids))
+    if t.dim() != 1:
+        raise SampleIdError(f"sample ids must be a 1-D sequence with one id per row, got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise SampleIdError("the batch has no sample ids (empty)")
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise SampleIdError(f"sample ids must be integers, got dtype {t.dtype}")
+    t = t.to(torch.int64)
+    if (t < 0).any():
+        raise SampleIdError(f"sample ids must be non-negative, got {t[t < 0][:5].tolist()}")
+    if t.unique().numel() != t.numel():
+        uniq, counts = torch.unique(t, return_counts=True)
+        dup = uniq[counts > 1][:5].tolist()
+        raise SampleIdError(f"duplicate sample ids in one batch: {dup}; each row needs its own id")
+    return t
+
+
+def check_disjoint(seen: Tensor | None, ids: Tensor) -> None:
+    """Raise if a micro-batch repeats ids already seen in the same optimizer step.
+
+    Args:
+        seen: ids of the step's earlier micro-batches (``[k]`` int64) or None.
+        ids: the new micro-batch's checked ids.
+
+    Raises:
+        SampleIdError: some id appears in both.
+    """
+    if seen is None:
+        return
+    both = torch.cat([seen, ids])
+    if both.unique().numel() != both.numel():
+        dup = sorted(set(seen.tolist()) & set(ids.tolist()))[:5]
+        raise SampleIdError(
+            f"sample ids {dup} appear twice in one optimizer step (across micro-batches); "
+            "each sample may appear once per step"
+        )
