@@ -43,9 +43,31 @@ class StepTerms:
 
 
 class OptimizerAdapter(Protocol):
-    """One optimizer family's math, as two pure functions."""
+    """One optimizer family's math, as pure functions (the family's module holds them).
+
+    Besides the fixed-state :meth:`terms`, every family gives the exact step as a function of
+    the gradient (docs/math.md §2a): ``update(g, theta, group, state_before) -> Δ``, its diagonal
+    Jacobian ``update_jacobian_diag(g, theta, group, state_before) -> dΔ/dg``, and the state
+    before the step either reconstructed in the post-hook,
+    ``state_before_step(state_after, g, theta, group, before) -> state_before``, or copied in the
+    pre-hook, ``snapshot_state(group, state) -> state_before``. States are dicts with torch's keys.
+    """
 
     name: str
+
+    def update(self, g: Tensor, theta: Tensor | None, group: dict, state_before: dict) -> Tensor:
+        """The parameter change torch's step makes from gradient ``g`` (shaped like ``g``)."""
+
+    def update_jacobian_diag(self, g: Tensor, theta: Tensor | None, group: dict, state_before: dict) -> Tensor:
+        """``dΔ/dg``, elementwise, shaped like ``g``."""
+
+    def state_before_step(
+        self, state_after: dict, g: Tensor, theta: Tensor | None, group: dict, before: dict | None = None
+    ) -> dict:
+        """The state before the step, from the state after it and the gradient it used."""
+
+    def snapshot_state(self, group: dict, state: dict) -> dict:
+        """A copy of the state before the step (call in the step pre-hook)."""
 
     def before_step(self, group: dict, state: dict) -> dict:
         """Whatever the adapter needs from the state as it was before the step."""
