@@ -8,36 +8,51 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from inrun_shapley.errors import ConfigurationError
-from inrun_shapley.integration import ShapleyConfig, TrackedValues, merge_across_ranks, sample_ids
 from inrun_shapley.engine.store import InMemoryValues
+from inrun_shapley.errors import ConfigurationError
+from inrun_shapley.integration import (
+    ShapleyConfig,
+    TrackedValues,
+    checkpoint_cursor,
+    merge_across_ranks,
+    take_sample_ids,
+)
 
 
 class ShapleyCallback(TrackedValues, Callback):
     """Compute every training sample's In-Run Shapley value during ``Trainer.fit``.
 
-    The LightningModule stays as it is: its ``training_step`` returns a loss (tensor or dict).
-    Sample ids come from the batch: ``batch["index"]`` by default (wrap the training dataset with
-    :class:`inrun_shapley.IndexedDataset`), or ``ids_fn(batch)``. Works with gradient accumulation,
-    gradient clipping, mixed precision (steps skipped by the scaler get no values), several
-    parameter groups, LR schedulers, DDP (each rank scores its own samples; values are merged at
-    the end of training) and resuming from a checkpoint (the callback's state is saved in it).
+    The LightningModule stays as it is, ``x, y = batch`` included. Sample ids: wrap the training
+    dataset with :class:`inrun_shapley.IndexedDataset`; it adds each row's id to the item (a
+    trailing element of tuple items, key ``"index"`` of dict items) and this callback takes the
+    ids out of the batch IN PLACE in ``on_train_batch_start``, before ``training_step`` receives
+    the very same batch object. Or pass ``ids_fn(batch)`` when your batches carry ids already.
+    Works with gradient accumulation, gradient clipping, mixed precision (steps skipped by the
+    scaler get no values), several parameter groups, LR schedulers, DDP (each rank scores its own
+    samples; values are merged at the end of training) and ``fit(ckpt_path=...)`` (the
+    checkpoint holds a small cursor: step counters and per-id totals; the log and the recording
+    are continued).
 
     Args:
-        val_data: the validation set: a ``Dataset`` or one batch (tensor, tuple or dict of tensors).
-        val_loss_fn: ``fn(module, batch) -> per-row losses``. Default:
+        val_data: the validation set: a ``Dataset``, one batch (tensor, tuple or dict of
+            tensors), or a ``DataLoader`` (all its rows).
+        val_loss_fn: ``fn(module, batch) -> [m]`` per-row losses. Default:
             :func:`inrun_shapley.integration.default_loss` (cross-entropy for integer targets, MSE
             otherwise, on ``module(input)``).
-        ids_fn: ``fn(batch) -> sample ids`` (default: ``batch[ids_key]``).
+        ids_fn: ``fn(batch) -> sample ids`` (default: IndexedDataset's ids, else ``batch[ids_key]``).
         ids_key: dict key holding the ids (default ``"index"``).
         log_dir: also write the values to this value log (see ``inrun_shapley.log``).
-        **options: ``estimator``, ``order``, ``val_sample_size``, ``val_batch_size``, ``seed``,
-            ``group_values``, ``record_steps``, ``exclude``, ``strict``, ``flush_every``: as in
-            :class:`inrun_shapley.ShapleyTracker`; ``record_trajectory=folder`` (and
-            ``trajectory_every``) also records the run for ``inrun_shapley.adjoint_influence``.
+        overwrite: replace a log (and recording) left in ``log_dir`` by an earlier run.
+        resume: continue that log (and recording) without a checkpoint: steps continue after
+            its last step. ``fit(ckpt_path=...)`` continues them in any case.
+        **options: every :class:`inrun_shapley.ShapleyTracker` option (``estimator``, ``order``,
+            ``per_query``, ``query_path``, ``val_sample_size``, ...), ``flush_every``, and
+            ``record_trajectory=folder`` (with ``trajectory_every``) to also record the run for
+            ``inrun_shapley.adjoint_influence``.
 
     Raises:
-        ConfigurationError: invalid options (at construction) or more than one optimizer.
+        ConfigurationError: unknown or invalid options (at construction), more than one optimizer.
+        LogError: ``log_dir`` holds a log and neither ``overwrite`` nor ``resume`` is set.
         UnsupportedOptimizerError, UnsupportedModuleError: at the start of ``fit``.
         SampleIdError: at the first batch without ids.
 
@@ -49,8 +64,9 @@ class ShapleyCallback(TrackedValues, Callback):
     """
 
     def __init__(self, val_data, val_loss_fn: Callable | None = None, *, ids_fn: Callable | None = None,
-                 ids_key: str = "index", log_dir=None, **options: Any):
-        self.config = ShapleyConfig(val_data=val_data, val_loss_fn=val_loss_fn, log_dir=log_dir, **options)
+                 ids_key: str = "index", **options: Any):
+        self.config = ShapleyConfig("ShapleyCallback", val_data=val_data, val_loss_fn=val_loss_fn,
+                                    fixed=("ids_fn", "ids_key"), **options)
         self.ids_fn, self.ids_key = ids_fn, ids_key
         self.tracker = None
         self.attached = None
@@ -70,7 +86,7 @@ class ShapleyCallback(TrackedValues, Callback):
             )
         self.attached = self.config.build(
             pl_module, trainer.optimizers[0], world_size=trainer.world_size, rank=trainer.global_rank,
-            resume=self._restored is not None,
+            restoring=self._restored is not None,
         )
         self.tracker = self.attached.tracker
         if self._restored is not None:
@@ -79,7 +95,7 @@ class ShapleyCallback(TrackedValues, Callback):
 
     @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        self.tracker.begin_batch(sample_ids(batch, self.ids_fn, self.ids_key))
+        self.tracker.begin_batch(take_sample_ids(batch, self.ids_fn, self.ids_key))
 
     @override
     def on_after_backward(self, trainer, pl_module) -> None:
@@ -99,7 +115,8 @@ class ShapleyCallback(TrackedValues, Callback):
 
     @override
     def state_dict(self) -> dict:
-        return {} if self.tracker is None else self.tracker.state_dict()
+        """A cursor (step counters, per-id totals): its size does not grow with the steps."""
+        return {} if self.tracker is None else checkpoint_cursor(self.tracker)
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:

@@ -1,5 +1,7 @@
-"""What the framework adapters share, kept framework-free: the tracker's configuration, sample
-ids from a batch, a default per-sample loss, and merging in-memory values across ranks.
+"""What the framework adapters share, kept framework-free: their options (every
+:class:`~inrun_shapley.engine.tracker.ShapleyTracker` option passes through), building the tracker
+with its log and recording, sample ids taken out of a batch in place, the checkpoint cursor,
+flushing at interpreter exit, and merging in-memory values across ranks.
 
 The adapters in ``inrun_shapley.callbacks`` translate framework events into calls on these and
 on :class:`~inrun_shapley.engine.tracker.ShapleyTracker`; nothing here imports Lightning or Accelerate.
@@ -7,135 +9,159 @@ on :class:`~inrun_shapley.engine.tracker.ShapleyTracker`; nothing here imports L
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
-from dataclasses import dataclass, field
+import shutil
+import warnings
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from inrun_shapley.errors import ConfigurationError, SampleIdError
+from inrun_shapley.data import IDS_KEY, INPUT_KEYS, TARGET_KEYS, SampleIds, default_loss, validation_rows
 from inrun_shapley.engine.store import InMemoryValues
 from inrun_shapley.engine.tracker import ShapleyTracker
+from inrun_shapley.errors import ConfigurationError, LogError, SampleIdError
 
-INPUT_KEYS = ("input", "inputs", "x", "image", "images", "input_ids", "features")
-TARGET_KEYS = ("target", "targets", "y", "label", "labels")
+__all__ = [
+    "ADAPTER_OPTIONS", "INPUT_KEYS", "TARGET_KEYS", "Attached", "ShapleyConfig", "TrackedValues",
+    "checkpoint_cursor", "default_loss", "merge_across_ranks", "take_sample_ids", "tracker_options",
+]
+
+# Options of the adapters themselves (name -> default); every other option is a tracker option.
+ADAPTER_OPTIONS: dict[str, Any] = {
+    "log_dir": None, "flush_every": 50, "overwrite": False, "resume": False,
+    "record_trajectory": None, "trajectory_every": 1,
+}
+# Tracker arguments the adapters set themselves.
+_SET_BY_ADAPTER = {"self", "model", "optimizer", "val_data", "val_loss_fn", "validation", "world_size", "sink"}
 
 
-def _unpack(batch) -> tuple[Any, Tensor]:
-    if isinstance(batch, dict):
-        x = next((batch[k] for k in INPUT_KEYS if k in batch), None)
-        y = next((batch[k] for k in TARGET_KEYS if k in batch), None)
-        if x is None or y is None:
+def tracker_options() -> dict[str, Any]:
+    """Name -> default of every :class:`ShapleyTracker` option an adapter passes through, read
+    from the tracker's signature (a new tracker option passes through with no adapter change)."""
+    params = inspect.signature(ShapleyTracker.__init__).parameters.values()
+    return {
+        p.name: p.default for p in params
+        if p.name not in _SET_BY_ADAPTER and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def _check_option_names(owner: str, options: dict, fixed: tuple[str, ...]) -> None:
+    valid = sorted({*tracker_options(), *ADAPTER_OPTIONS, *fixed})
+    for name in options:
+        if name not in valid:
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigurationError(
-                f"the default validation loss looks for an input key {INPUT_KEYS} and a target key "
-                f"{TARGET_KEYS} in dict batches; found {sorted(batch)}. Pass val_loss_fn=fn(model, batch) "
-                "returning one loss per row"
+                f"{owner} got an unknown option {name!r}{hint}; valid options: {', '.join(valid)}"
             )
-        return x, y
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise ConfigurationError(
-        f"the default validation loss needs (input, target) batches or dicts with input/target keys, got "
-        f"{type(batch).__name__}; pass val_loss_fn=fn(model, batch) returning one loss per row"
-    )
 
 
-def default_loss(model: nn.Module, batch) -> Tensor:
-    """Per-row loss of a standard supervised model, used when no ``val_loss_fn`` is given.
+def take_sample_ids(batch, ids_fn: Callable | None = None, key: str = IDS_KEY) -> Tensor:
+    """The sample ids of a batch, with the ids :class:`~inrun_shapley.IndexedDataset` added
+    removed from the batch IN PLACE (trailing list element or dict key ``key``), so the code
+    that receives the batch next sees the dataset's own structure.
 
-    ``output = model(input)`` with ``(input, target)`` taken from a tuple/list batch or from the
-    dict keys ``input``/``x``/``image``/``input_ids``... and ``target``/``y``/``label``...
-    (``IndexedDataset`` batches work as they are). Integer targets: cross-entropy (class dimension
-    1; for sequence outputs ``[B, T, C]`` with targets ``[B, T]`` the mean over positions).
-    Floating targets: mean squared error averaged over all but the first dimension.
-
-    Returns:
-        ``[B]`` losses, one per row.
-    """
-    x, y = _unpack(batch)
-    out = model(x)
-    if not isinstance(out, Tensor):
-        raise ConfigurationError(
-            f"the default validation loss needs model(input) to return a tensor, got {type(out).__name__}; "
-            "pass val_loss_fn=fn(model, batch)"
-        )
-    if y.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        if out.dim() == 3 and y.dim() == 2:
-            return F.cross_entropy(out.transpose(1, 2), y.long(), reduction="none").mean(1)
-        return F.cross_entropy(out, y.long(), reduction="none")
-    return ((out - y.to(out.dtype)) ** 2).reshape(out.shape[0], -1).mean(1)
-
-
-def sample_ids(batch, ids_fn: Callable | None = None, key: str = "index") -> Tensor:
-    """The sample ids of a batch: ``ids_fn(batch)`` if given, else ``batch[key]`` for dict batches.
+    Order: ``ids_fn(batch)`` if given; else the :class:`~inrun_shapley.data.SampleIds` that
+    IndexedDataset added; else ``batch[key]`` of a dict batch (your own ids: read, left in place).
+    The added ids are removed in every case, also when ``ids_fn`` is given.
 
     Raises:
-        SampleIdError: no ids can be found; the message says how to add them.
+        SampleIdError: no ids can be found, or they sit in a tuple batch (immutable: make the
+            ``collate_fn`` return a list, as ``default_collate`` does, or pass ``ids_fn``).
     """
-    if ids_fn is not None:
-        ids = ids_fn(batch)
-    elif isinstance(batch, dict) and key in batch:
+    ids = ids_fn(batch) if ids_fn is not None else None
+    added = None
+    if isinstance(batch, dict) and isinstance(batch.get(key), SampleIds):
+        added = batch.pop(key)
+    elif isinstance(batch, list) and batch and isinstance(batch[-1], SampleIds):
+        added = batch.pop()
+    elif isinstance(batch, tuple) and batch and isinstance(batch[-1], SampleIds) and ids_fn is None:
+        raise SampleIdError(
+            "the batch is a tuple ending with IndexedDataset's sample ids, which cannot be removed "
+            "in place before your code sees it: make the DataLoader's collate_fn return a list "
+            "(default_collate does) or a dict, or pass ids_fn=lambda batch: batch[-1]"
+        )
+    if ids is None:
+        ids = added
+    if ids is None and isinstance(batch, dict) and key in batch:
         ids = batch[key]
-    else:
+    if ids is None:
         found = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
         raise SampleIdError(
-            f"no sample ids in the batch (looked for key {key!r}; batch has {found}). Wrap the training "
-            "dataset with inrun_shapley.IndexedDataset (its items carry 'index'), or pass "
+            f"no sample ids in the batch (looked for IndexedDataset's ids and for key {key!r}; batch has "
+            f"{found}). Wrap the training dataset with inrun_shapley.IndexedDataset, or pass "
             "ids_fn=lambda batch: <1-D tensor of sample ids>"
         )
-    if isinstance(ids, Tensor):
-        ids = ids.detach().cpu()
-    return ids
+    return ids.detach().cpu().as_subclass(Tensor) if isinstance(ids, Tensor) else ids
 
 
-@dataclass
+def checkpoint_cursor(tracker: ShapleyTracker) -> dict:
+    """The tracker's state for a training checkpoint, cut to a cursor: step counters and the
+    per-id totals (O(number of ids), not O(steps)); the per-step records live in the log."""
+    state = tracker.state_dict()
+    return {**state, "values": {**state["values"], "records": []}}
+
+
 class ShapleyConfig:
-    """Everything the adapters need to build a tracker and its log (see ShapleyTracker's args).
+    """Everything an adapter needs to build a tracker, its log and its recording; checked when
+    the adapter is constructed.
 
-    Attributes:
-        val_data: validation set (Dataset or one in-memory batch).
-        val_loss_fn: ``fn(model, batch) -> per-row losses``; None uses :func:`default_loss`.
-        log_dir: write values to this value log (per rank ``rank{r}`` under DDP, merged on load);
-            None keeps them in memory only.
-        flush_every: steps between log flushes.
-        record_trajectory: also record the run for the adjoint pass
-            (:class:`~inrun_shapley.trajectory.TrajectoryRecorder` in this folder; single process).
-        trajectory_every: 1 stores every step; k > 1 stores checkpoints every k steps (replayed).
-        Other fields: as in :class:`ShapleyTracker`.
+    Args:
+        owner: the adapter's name, used in messages (``"ShapleyCallback"``, ``"ShapleyHook"``).
+        val_data: validation set: a Dataset, one in-memory batch, or a ``DataLoader`` (its rows,
+            as its ``collate_fn`` makes them, are the validation set).
+        val_loss_fn: ``fn(model, batch) -> [m]`` per-row losses; None uses :func:`default_loss`.
+        fixed: the adapter's own extra argument names (listed as valid in messages).
+        **options: every :class:`ShapleyTracker` option (see :func:`tracker_options`), and
+            ``log_dir`` (value log; per rank ``rank{r}`` under DDP, merged on load),
+            ``flush_every`` (steps between log flushes), ``overwrite`` (replace an existing log
+            and recording), ``resume`` (continue them: steps continue after the log's last
+            step), ``record_trajectory`` (record the run for ``adjoint_influence`` into this
+            folder; single process) and ``trajectory_every``.
+
+    Raises:
+        ConfigurationError: an unknown option (named, with the valid ones) or an invalid value.
     """
 
-    val_data: Any = None
-    val_loss_fn: Callable | None = None
-    estimator: str = "shapley"
-    order: int = 1
-    val_sample_size: int | None = None
-    val_batch_size: int = 256
-    seed: int = 0
-    group_values: bool = False
-    record_steps: bool = True
-    exclude: tuple = field(default_factory=tuple)
-    strict: bool = True
-    log_dir: str | os.PathLike | None = None
-    flush_every: int = 50
-    record_trajectory: str | os.PathLike | None = None
-    trajectory_every: int = 1
-
-    def __post_init__(self) -> None:
-        if self.val_data is None:
+    def __init__(self, owner: str, *, val_data, val_loss_fn: Callable | None = None,
+                 fixed: tuple[str, ...] = (), **options: Any):
+        _check_option_names(owner, options, fixed)
+        self.owner = owner
+        if val_data is None:
             raise ConfigurationError("val_data is required: the validation set whose loss defines a sample's value")
-        if self.val_loss_fn is not None and not callable(self.val_loss_fn):
+        if val_loss_fn is not None and not callable(val_loss_fn):
             raise ConfigurationError("val_loss_fn must be callable as fn(model, batch) -> per-row losses")
-        if self.estimator not in ("shapley", "loo", "sgd"):
-            raise ConfigurationError(f"estimator must be 'shapley', 'loo' or 'sgd', got {self.estimator!r}")
+        self.val_data = validation_rows(val_data)
+        self.val_loss_fn = val_loss_fn or default_loss
+        defaults = tracker_options()
+        self.tracker_kwargs = {k: v for k, v in options.items() if k in defaults}
+        self.estimator = self.tracker_kwargs.get("estimator", defaults.get("estimator"))
+        self.order = self.tracker_kwargs.get("order", defaults.get("order"))
+        adapter = {**ADAPTER_OPTIONS, **{k: v for k, v in options.items() if k in ADAPTER_OPTIONS}}
+        self.log_dir, self.flush_every = adapter["log_dir"], adapter["flush_every"]
+        self.overwrite, self.resume = bool(adapter["overwrite"]), bool(adapter["resume"])
+        self.record_trajectory, self.trajectory_every = adapter["record_trajectory"], adapter["trajectory_every"]
+        self.record_steps = self.tracker_kwargs.get("record_steps", defaults.get("record_steps", True))
+        self.group_values = self.tracker_kwargs.get("group_values", False)
+        from inrun_shapley.engine import tracker as engine
+
+        if self.estimator not in getattr(engine, "ESTIMATORS", (self.estimator,)):
+            raise ConfigurationError(f"estimator must be one of {engine.ESTIMATORS}, got {self.estimator!r}")
         if self.order not in (1, 2):
             raise ConfigurationError(f"order must be 1 or 2, got {self.order!r}")
-        if self.flush_every < 1:
-            raise ConfigurationError(f"flush_every must be >= 1, got {self.flush_every}")
-        self.exclude = tuple(self.exclude)
+        if isinstance(self.flush_every, bool) or not isinstance(self.flush_every, int) or self.flush_every < 1:
+            raise ConfigurationError(f"flush_every must be an int >= 1, got {self.flush_every!r}")
+        if self.overwrite and self.resume:
+            raise ConfigurationError(
+                f"{owner}: pass overwrite=True (start a new log) or resume=True (continue it), not both"
+            )
 
     def log_path(self, rank: int, world_size: int) -> Path | None:
         if self.log_dir is None:
@@ -144,34 +170,69 @@ class ShapleyConfig:
         return root / f"rank{rank}" if world_size > 1 else root
 
     def build(self, model: nn.Module, optimizer, *, world_size: int = 1, rank: int = 0,
-              resume: bool = False) -> "Attached":
-        """A tracker attached to ``model``/``optimizer``, its log writer and trajectory recorder."""
+              restoring: bool = False) -> "Attached":
+        """A tracker attached to ``model``/``optimizer``, with its log writer and trajectory
+        recorder. ``restoring``: the framework restores this adapter's checkpoint state next, so
+        the log and the recording are continued whatever ``resume`` says."""
         from inrun_shapley.log import ShapleyLogWriter
         from inrun_shapley.trajectory import TrajectoryRecorder
 
         if self.record_trajectory is not None and world_size > 1:
             raise ConfigurationError("record_trajectory records a single-process run; it is not supported under DDP")
-
-        tracker = ShapleyTracker(
-            model, optimizer, val_data=self.val_data, val_loss_fn=self.val_loss_fn or default_loss,
-            estimator=self.estimator, order=self.order, val_sample_size=self.val_sample_size,
-            val_batch_size=self.val_batch_size, seed=self.seed, group_values=self.group_values,
-            record_steps=self.record_steps, exclude=self.exclude, strict=self.strict, world_size=world_size,
-        )
+        tracker = ShapleyTracker(model, optimizer, val_data=self.val_data, val_loss_fn=self.val_loss_fn,
+                                 world_size=world_size, **self.tracker_kwargs)
+        resume = self.resume or restoring
         path = self.log_path(rank, world_size)
         writer = None
         if path is not None:
+            self._clear_or_refuse(path, resume)
             writer = ShapleyLogWriter(
                 path, group_names=tracker.group_names if self.group_values else None,
                 record_steps=self.record_steps, flush_every=self.flush_every, resume=resume,
                 metadata={"estimator": self.estimator, "order": self.order, "rank": rank, "world_size": world_size},
             )
             tracker.sink = writer
+            if resume and writer.last_step > 0:
+                _continue_from_log(tracker, writer)
         recorder = None
         if self.record_trajectory is not None:
-            recorder = TrajectoryRecorder(self.record_trajectory, every=self.trajectory_every, overwrite=resume)
+            if resume:
+                recorder = TrajectoryRecorder(self.record_trajectory, every=self.trajectory_every, resume=True)
+            else:
+                recorder = TrajectoryRecorder(self.record_trajectory, every=self.trajectory_every,
+                                              overwrite=self.overwrite)
             tracker.add_step_listener(recorder)
         return Attached(tracker, writer, recorder)
+
+    def _clear_or_refuse(self, path: Path, resume: bool) -> None:
+        if resume or not (path / "meta.json").exists():
+            return
+        if not self.overwrite:
+            raise LogError(
+                f"{path} already holds a value log from an earlier run: pass {self.owner}(..., overwrite=True) "
+                f"to replace it, {self.owner}(..., resume=True) to continue it, or another log_dir"
+            )
+        shutil.rmtree(path)
+
+
+def _continue_from_log(tracker: ShapleyTracker, writer) -> None:
+    """Start the tracker where a resumed log ends: step counter and in-memory totals."""
+    totals = writer.totals()
+    ids = totals["ids"]
+    size = int(ids.max()) + 1 if len(ids) else 0
+    value_sum = np.zeros((size, *totals["value_sum"].shape[1:]))
+    value_sum[ids] = totals["value_sum"]
+    count = np.zeros(size, dtype=np.int64)
+    count[ids] = totals["count"]
+    group_sum = None
+    if totals.get("group_sum") is not None:
+        group_sum = np.zeros((size, totals["group_sum"].shape[1]))
+        group_sum[ids] = totals["group_sum"]
+    tensor = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
+    tracker.load_state_dict({"step": writer.last_step, "values": {
+        "sum": tensor(value_sum), "count": tensor(count), "last_step": writer.last_step,
+        "group_sum": tensor(group_sum), "group_names": writer.group_names if group_sum is not None else None,
+    }})
 
 
 @dataclass
@@ -197,6 +258,25 @@ class Attached:
             self.recorder.close()
             self.recorder = None
         self.tracker.detach()
+
+    def close_when_collected(self, owner: object) -> weakref.finalize:
+        """Close (so flush) when ``owner`` is garbage-collected or at interpreter exit, whichever
+        comes first; warn if steps could not be written then. Calling the returned finalizer
+        closes now (once)."""
+        return weakref.finalize(owner, _close_quietly, self, type(owner).__name__)
+
+
+def _close_quietly(attached: Attached, owner: str) -> None:
+    pending = 0 if attached.writer is None else attached.writer.last_step - attached.writer.flushed_step
+    path = None if attached.writer is None else attached.writer.path
+    try:
+        attached.close()
+    except Exception as exc:  # at exit or in GC: warn, never raise
+        warnings.warn(
+            f"{owner} was not closed and its last {pending} step(s) could not be written to {path}: {exc}. "
+            f"Call {owner}.close() (or use it as a context manager) at the end of training",
+            RuntimeWarning, stacklevel=1,
+        )
 
 
 def _as_numpy_state(state: dict) -> dict:

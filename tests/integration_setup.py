@@ -43,9 +43,9 @@ def plain_values(batch_size=8, epochs=2, accumulate=1, clip=None, **tracker_opti
     )
     loader = DataLoader(IndexedDataset(train), batch_size=batch_size, shuffle=False)
     for _ in range(epochs):
-        for i, batch in enumerate(loader):
-            with tr.batch(batch["index"]):
-                (F.cross_entropy(model(batch["input"]), batch["target"]) / accumulate).backward()
+        for i, (x, y, ids) in enumerate(loader):
+            with tr.batch(ids):
+                (F.cross_entropy(model(x), y) / accumulate).backward()
             if (i + 1) % accumulate == 0:
                 if clip is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -67,7 +67,8 @@ def lightning_module_class():
             return self.net(x)
 
         def training_step(self, batch, batch_idx):
-            return F.cross_entropy(self(batch["input"]), batch["target"])
+            x, y = batch  # the user's own unpacking: the callback removed the ids in place
+            return F.cross_entropy(self(x), y)
 
         def configure_optimizers(self):
             return make_optimizer(self.parameters())

@@ -95,12 +95,12 @@ def test_lightning_bad_inputs_fail_before_the_first_step():
     with pytest.raises(UnsupportedOptimizerError, match="RMSprop"):
         trainer.fit(module, DataLoader(IndexedDataset(train), batch_size=8))
 
-    trainer = pl.Trainer(callbacks=[ShapleyCallback(val_data=val, ids_fn=lambda b: b["index"] * 0)],
+    trainer = pl.Trainer(callbacks=[ShapleyCallback(val_data=val, ids_fn=lambda b: b[-1] * 0)],
                          **trainer_kwargs(max_steps=1))
     with pytest.raises(SampleIdError, match="duplicate sample ids"):
         trainer.fit(lightning_module_class()(), DataLoader(IndexedDataset(train), batch_size=8))
 
-    trainer = pl.Trainer(callbacks=[ShapleyCallback(val_data=val, ids_fn=lambda b: b["index"][:3])],
+    trainer = pl.Trainer(callbacks=[ShapleyCallback(val_data=val, ids_fn=lambda b: b[-1][:3])],
                          **trainer_kwargs(max_steps=1))
     with pytest.raises(SampleIdError, match="first dimension 8, but the batch has 3 sample ids"):
         trainer.fit(lightning_module_class()(), DataLoader(IndexedDataset(train), batch_size=8))
@@ -128,8 +128,9 @@ def accelerate_values(accumulate=1, batch_size=8, clip=None, mixed="no"):
     for _ in range(2):
         for batch in loader:
             with accelerator.accumulate(model):
-                with hook.batch(batch["index"]):
-                    accelerator.backward(F.cross_entropy(model(batch["input"]), batch["target"]))
+                with hook.batch(batch):
+                    x, y = batch
+                    accelerator.backward(F.cross_entropy(model(x), y))
                 if clip is not None and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), clip)
                 opt.step()

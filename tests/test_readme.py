@@ -29,7 +29,8 @@ class Module(pl.LightningModule):
     def forward(self, x):
         return self.net(x)
     def training_step(self, batch, batch_idx):
-        return F.cross_entropy(self(batch["input"]), batch["target"])
+        x, y = batch
+        return F.cross_entropy(self(x), y)
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 

@@ -153,7 +153,8 @@ def tracked_run(train, val, cfg: DemoConfig, seed: int, out: Path):
             return self.net(x)
 
         def training_step(self, batch, batch_idx):
-            return F.cross_entropy(self(batch["input"]), batch["target"])
+            x, y = batch
+            return F.cross_entropy(self(x), y)
 
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=cfg.lr)

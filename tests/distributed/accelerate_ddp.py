@@ -23,8 +23,9 @@ def train_fn():
     hook = ShapleyHook(accelerator, model, opt, val_data=val)
     for _ in range(2):
         for batch in loader:
-            with hook.batch(batch["index"]):
-                accelerator.backward(F.cross_entropy(model(batch["input"]), batch["target"]))
+            with hook.batch(batch):
+                x, y = batch
+                accelerator.backward(F.cross_entropy(model(x), y))
             opt.step()
             opt.zero_grad()
     hook.close()
