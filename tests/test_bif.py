@@ -53,6 +53,7 @@ def linear_problem(n: int, d: int, seed: int, noise: float = 0.5):
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_linear_gaussian_matches_exact_stationary_covariance():
     """Full-batch SGLD on ½(xᵀw − y)² is a Gaussian AR(1) process with a closed-form law.
 
@@ -85,6 +86,7 @@ def test_linear_gaussian_matches_exact_stationary_covariance():
     assert res.diagnostics.ess > 500
 
 
+@pytest.mark.slow
 def test_linear_regression_query_losses_match_closed_form_posterior():
     """Minibatch SGLD, φ_q = query loss; Gaussian posterior N(w*, Σ), Σ = (nβ/n·XᵀX + γI)⁻¹.
 
@@ -178,6 +180,7 @@ def damped_influence(model, loss_fn, train, queries, n_beta, gamma):
     return -(g_train @ torch.linalg.solve(n_beta * h + gamma * torch.eye(len(w0), dtype=F64), g_query.T))
 
 
+@pytest.mark.slow
 def test_logistic_digits_matches_damped_influence_function(digits_logistic):
     model, loss_fn, train, queries = digits_logistic
     n_beta, gamma = 200.0, 100.0

@@ -16,7 +16,20 @@ Modules:
 
 from inrun_shapley.posthoc.bif.api import bayesian_influence
 from inrun_shapley.posthoc.bif.config import BIFConfig
-from inrun_shapley.posthoc.bif.diagnostics import BIFDiagnostics, effective_sample_size, rank_stability, split_rhat
+from inrun_shapley.posthoc.bif.diagnostics import (
+    BIFDiagnostics,
+    effective_sample_size,
+    rank_stability,
+    split_rhat,
+)
 from inrun_shapley.posthoc.bif.result import BIFResult
 
-__all__ = ['BIFConfig', 'BIFDiagnostics', 'BIFResult', 'bayesian_influence', 'effective_sample_size', 'rank_stability', 'split_rhat']
+__all__ = [
+    "BIFConfig",
+    "BIFDiagnostics",
+    "BIFResult",
+    "bayesian_influence",
+    "effective_sample_size",
+    "rank_stability",
+    "split_rhat",
+]

@@ -129,7 +129,9 @@ def bayesian_influence(
     snapshot = ModelSnapshot(model, selected)
     try:
         snapshot.enter_sampling_mode()
-        sampler = SGLDSampler(model, loss_fn, observable_fn, train_loader, train_samples, queries, cfg, snapshot, n_beta)
+        sampler = SGLDSampler(
+            model, loss_fn, observable_fn, train_loader, train_samples, queries, cfg, snapshot, n_beta
+        )
         sampler.measure_anchor()
         n_x, n_y = sampler.ref_x.shape[0], sampler.ref_y.shape[0]
         elements = cfg.chains * cfg.draws * (n_x + n_y)

@@ -90,7 +90,9 @@ class ModelSnapshot:
 
     def distance(self) -> float:
         """‖w − w*‖₂ over the sampled parameters, in fp64."""
-        return math.sqrt(sum(float(((p - w0).double() ** 2).sum()) for p, w0 in zip(self.selected, self.anchors)))
+        with torch.no_grad():
+            squares = sum(float(((p - w0).double() ** 2).sum()) for p, w0 in zip(self.selected, self.anchors))
+        return math.sqrt(squares)
 
     def reset_to_anchor(self) -> None:
         """Put the sampled parameters back at w*."""
@@ -203,7 +205,9 @@ class SGLDSampler:
         self.ref_x, self.ref_y = ref_x, ref_y.reshape(-1)
         self.loss_at_optimum = float(ref_x.double().mean())
         if not math.isfinite(self.loss_at_optimum) or not bool(torch.isfinite(self.ref_y).all()):
-            raise NonFiniteError("BIF: the losses or observables are not finite at w* (before sampling); check the model and loss_fn.")
+            raise NonFiniteError(
+                "BIF: the losses or observables are not finite at w* (before sampling); check the model and loss_fn."
+            )
         cfg = self.config
         self.limit = cfg.divergence_factor * max(abs(self.loss_at_optimum), cfg.divergence_floor)
 
@@ -299,8 +303,7 @@ class SGLDSampler:
         where = f"draw {draw} (SGLD step {step})"
         x, y = self.traced_values()
         y = y.reshape(-1)
-        with torch.no_grad():
-            dist = self.snapshot.distance()
+        dist = self.snapshot.distance()
         mean_x = float(x.double().mean())
         if not (math.isfinite(mean_x) and math.isfinite(dist) and bool(torch.isfinite(y).all())):
             raise self._diverged(chain, where, "a traced loss, observable or parameter is NaN/inf")

@@ -59,4 +59,17 @@ from inrun_shapley.posthoc.weighting.preconditioner import adam_preconditioner
 from inrun_shapley.posthoc.weighting.reweigh import reweigh, reweigh_group_values
 from inrun_shapley.posthoc.weighting.weights import GroupWeights
 
-__all__ = ['ParameterGroups', 'GroupComponents', 'GroupWeights', 'FitConfig', 'adam_preconditioner', 'compute_group_components', 'group_weight_objective', 'fit_weights', 'fit_group_weights', 'reweigh', 'reweigh_group_values', 'plot_group_weights']
+__all__ = [
+    "ParameterGroups",
+    "GroupComponents",
+    "GroupWeights",
+    "FitConfig",
+    "adam_preconditioner",
+    "compute_group_components",
+    "group_weight_objective",
+    "fit_weights",
+    "fit_group_weights",
+    "reweigh",
+    "reweigh_group_values",
+    "plot_group_weights",
+]

@@ -2,7 +2,9 @@
 
 For every query take the current top-k training samples by the weighted score and minimize::
 
-    L(θ) = −mean_q [ mean_{i ∈ topk_q} τ(i, q; w) / ‖τ(·, q; w)‖₂ ] + λ · penalty(w),   w = G · softmax(θ)
+    L(θ) = −mean_q [ mean_{i ∈ topk_q} τ(i, q; w) / ‖τ(·, q; w)‖₂ ] + λ · penalty(w),
+
+    w = G · softmax(θ),  τ(i, q; w) = Σ_j w_j · C_j(i, q).
 """
 
 from __future__ import annotations
