@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from inrun_shapley.data import IDS_KEY, INPUT_KEYS, TARGET_KEYS, SampleIds, default_loss, validation_rows
-from inrun_shapley.engine.store import InMemoryValues
+from inrun_shapley.engine.store import InMemoryValues, merge_across_ranks  # noqa: F401  (re-exported)
 from inrun_shapley.engine.tracker import ShapleyTracker
 from inrun_shapley.errors import ConfigurationError, LogError, SampleIdError
 
@@ -277,41 +277,6 @@ def _close_quietly(attached: Attached, owner: str) -> None:
             f"Call {owner}.close() (or use it as a context manager) at the end of training",
             RuntimeWarning, stacklevel=1,
         )
-
-
-def _as_numpy_state(state: dict) -> dict:
-    tmp = InMemoryValues()
-    tmp.load_state_dict(state)
-    return {"sum": tmp._sum, "count": tmp._count, "last_step": tmp.last_step, "group_sum": tmp._group_sum,
-            "group_names": tmp.group_names, "records": tmp.records}
-
-
-def merge_across_ranks(store: InMemoryValues) -> InMemoryValues:
-    """Every rank's in-memory totals summed (ranks score disjoint samples); identity without
-    an initialized process group. Per-step records are concatenated in step order."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return store
-    parts: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, store.state_dict())
-    parts = [_as_numpy_state(p) for p in parts]
-    merged = InMemoryValues(record_steps=store.record_steps)
-    size = max(len(p["sum"]) for p in parts)
-    total = np.zeros(size)
-    count = np.zeros(size, dtype=np.int64)
-    groups = None
-    for p in parts:
-        total[: len(p["sum"])] += p["sum"]
-        count[: len(p["count"])] += p["count"]
-        if p.get("group_sum") is not None:
-            if groups is None:
-                groups = np.zeros((size, p["group_sum"].shape[1]))
-            groups[: len(p["group_sum"])] += p["group_sum"]
-    records = sorted((r for p in parts for r in p["records"]), key=lambda r: r[0])
-    merged.load_state_dict({
-        "sum": total, "count": count, "last_step": max(p["last_step"] for p in parts),
-        "group_sum": groups, "group_names": parts[0].get("group_names"), "records": records,
-    })
-    return merged
 
 
 class TrackedValues:

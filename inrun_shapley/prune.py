@@ -3,9 +3,11 @@
 Ids are dataset indices: the ids the engine logged are the indices the training ``Dataset`` is
 indexed with, so ``subset(dataset, prune(log, fraction=0.2))`` is the pruned dataset.
 
-Ranking uses :meth:`ShapleyLog.scores` with ``normalize="step_std"`` by default (per-step
-standardized sums; raw sums are dominated by the first epoch, DESIGN.md "Using values for
-selection"). Higher score = more valuable; the lowest-scored samples are dropped.
+Ranking uses :meth:`ShapleyLog.helpfulness`: the log's scores with ``normalize="step_std"`` by
+default (per-step standardized sums; raw sums are dominated by the first epoch, docs/math.md
+"Using values for selection"), times the ``helpful_sign`` its header declares, so that higher
+= more valuable whatever the log holds (In-Run Shapley values: +1; adjoint influence on a
+loss: -1). A log whose sign is unknown (null) is refused. The least helpful samples are dropped.
 
 Example:
     >>> import numpy as np
@@ -25,6 +27,7 @@ import numpy as np
 
 from inrun_shapley.errors import ConfigurationError, SampleIdError
 from inrun_shapley.log import NORMALIZATIONS, ShapleyLog
+from inrun_shapley.log.accumulator import dense_allowed
 
 UNSEEN_POLICIES = ("keep", "drop")
 
@@ -40,12 +43,19 @@ def _check_fraction(fraction: Any) -> float | None:
     return value
 
 
-def _scores_and_seen(log_or_scores: Any, normalize: str) -> tuple[np.ndarray, np.ndarray]:
+def _scored(log_or_scores: Any, normalize: str) -> tuple[np.ndarray, np.ndarray, int | None, str]:
+    """``(seen ids [n] sorted, their helpfulness [n], default universe size or None, what)``.
+
+    The default universe is ``range(len(scores))`` for an array, ``range(max_id + 1)`` for a
+    log whose ids are dense enough (None when they are sparse: hashes, global row numbers).
+    """
     if normalize not in NORMALIZATIONS:
         raise ConfigurationError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     if isinstance(log_or_scores, ShapleyLog):
         log = log_or_scores
-        return log.scores(normalize, query="mean"), log.seen.copy()
+        helpful = log.helpfulness(normalize, query="mean", ids=log.ids, purpose="prune()")
+        size = log.max_id + 1 if dense_allowed(log.max_id, log.ids.size) else None
+        return log.ids.copy(), helpful, size, "the log"
     scores = np.asarray(log_or_scores)
     if scores.ndim != 1 or not np.issubdtype(scores.dtype, np.number):
         raise ConfigurationError(
@@ -55,8 +65,41 @@ def _scores_and_seen(log_or_scores: Any, normalize: str) -> tuple[np.ndarray, np
     scores = scores.astype(np.float64)
     if np.any(np.isinf(scores)):
         raise ConfigurationError("scores contain inf; use NaN for ids never seen")
-    seen = ~np.isnan(scores)
-    return np.where(seen, scores, 0.0), seen
+    seen = np.flatnonzero(~np.isnan(scores)).astype(np.int64)
+    return seen, scores[seen], scores.shape[0], "the scores"
+
+
+def _universe(ids: Any, seen: np.ndarray, size: int | None, unseen: str, what: str) -> np.ndarray:
+    """The dataset ids to choose from (see ``prune``'s ``ids``)."""
+    max_id = int(seen[-1]) if seen.size else -1
+    if ids is None:
+        if size is not None:
+            return np.arange(size, dtype=np.int64)
+        if unseen == "drop":
+            return seen
+        raise SampleIdError(
+            f"{what} has sparse ids (largest {max_id}, {seen.size} seen): the default universe "
+            f"range({max_id + 1}) is too large. Pass ids=<array of the dataset's ids>, or unseen='drop'"
+        )
+    if isinstance(ids, numbers.Integral) and not isinstance(ids, bool):
+        if ids < 0:
+            raise SampleIdError(f"ids must be a count >= 0 or an array of ids, got {ids!r}")
+        if ids <= max_id:
+            raise SampleIdError(
+                f"ids={ids} means the dataset has ids [0, {ids}), but {what} has scores for ids up to "
+                f"{max_id}: pass the size of the dataset the values were computed on (>= {max_id + 1}), "
+                "or an array of ids to restrict the choice to them"
+            )
+        return np.arange(int(ids), dtype=np.int64)
+    universe = np.asarray(ids)
+    if universe.ndim != 1 or (universe.size and not np.issubdtype(universe.dtype, np.integer)):
+        raise SampleIdError(f"ids must be a 1-D integer array, got shape {universe.shape}")
+    universe = universe.astype(np.int64)
+    if universe.size and universe.min() < 0:
+        raise SampleIdError("ids must be non-negative dataset indices")
+    if np.unique(universe).shape[0] != universe.shape[0]:
+        raise SampleIdError("ids contain duplicates")
+    return universe
 
 
 def _lowest(ids: np.ndarray, scores: np.ndarray, n_drop: int) -> np.ndarray:
@@ -85,9 +128,9 @@ def prune(
     as a block according to ``unseen`` (by default kept: no evidence against them).
 
     Args:
-        log_or_scores: a :class:`ShapleyLog`, or a 1-D score array indexed by id (higher = more
-            valuable; NaN marks ids never seen). Per-query logs are ranked by the mean over
-            queries.
+        log_or_scores: a :class:`ShapleyLog` (ranked by its declared ``helpful_sign``), or a
+            1-D score array indexed by id (higher = more valuable; NaN marks ids never seen).
+            Per-query logs are ranked by the mean over queries.
         fraction: drop the ``floor(fraction * n + 0.5)`` (nearest, halves up) lowest-scored of
             the ``n`` seen candidates (within each class when ``class_balanced``). 0 keeps
             all, 1 drops every seen id.
@@ -99,9 +142,13 @@ def prune(
         labels: ``[>= n_ids]`` class label per id (indexed by id), for ``class_balanced``.
         class_balanced: apply ``fraction`` / ``keep_top`` within each class
             (``keep_top`` then keeps that many per class).
-        ids: the full set of dataset ids (array), or an int ``n`` for ``range(n)``. Without it
-            the universe is ``range(len(scores))``, so ids above the log's largest id are not
-            returned: pass ``ids=len(dataset)`` to keep never-seen ids beyond it.
+        ids: the full set of dataset ids (array), or an int ``n`` for ``range(n)``; ``n``
+            must exceed the largest scored id (a smaller ``n`` means the scores belong to
+            another dataset, and is refused). Without it the universe is
+            ``range(len(scores))`` (a log: ``range(max_id + 1)``), so ids above the largest
+            scored id are not returned: pass ``ids=len(dataset)`` to keep never-seen ids beyond
+            it. A log with sparse ids (hashes, global row numbers: see
+            :mod:`inrun_shapley.log.accumulator`) needs ``ids=<array>`` or ``unseen="drop"``.
         unseen: ``"keep"`` or ``"drop"`` the ids never seen by the log.
 
     Returns:
@@ -110,7 +157,9 @@ def prune(
     Raises:
         ConfigurationError: bad ``fraction``, ``keep_top``, ``normalize``, ``unseen``, no
             pruning rule given, or ``class_balanced`` without usable ``labels``.
-        SampleIdError: negative or duplicated ``ids``.
+        SampleIdError: negative or duplicated ``ids``; ``ids=n`` not above the largest
+            scored id; no ``ids`` for a log with sparse ids and ``unseen="keep"``.
+        LogError: the log's score description has ``helpful_sign`` null.
     """
     frac = _check_fraction(fraction)
     if keep_top is not None and (
@@ -124,29 +173,12 @@ def prune(
     if unseen not in UNSEEN_POLICIES:
         raise ConfigurationError(f"unseen must be one of {UNSEEN_POLICIES}, got {unseen!r}")
 
-    scores, seen = _scores_and_seen(log_or_scores, normalize)
-    n_scored = scores.shape[0]
-    if ids is None:
-        universe = np.arange(n_scored, dtype=np.int64)
-    elif isinstance(ids, numbers.Integral) and not isinstance(ids, bool):
-        if ids < 0:
-            raise SampleIdError(f"ids must be a count >= 0 or an array of ids, got {ids!r}")
-        universe = np.arange(int(ids), dtype=np.int64)
-    else:
-        universe = np.asarray(ids)
-        if universe.ndim != 1 or (universe.size and not np.issubdtype(universe.dtype, np.integer)):
-            raise SampleIdError(f"ids must be a 1-D integer array, got shape {universe.shape}")
-        universe = universe.astype(np.int64)
-        if universe.size and universe.min() < 0:
-            raise SampleIdError("ids must be non-negative dataset indices")
-        if np.unique(universe).shape[0] != universe.shape[0]:
-            raise SampleIdError("ids contain duplicates")
-
-    in_range = universe < n_scored
-    is_seen = np.zeros(universe.shape[0], dtype=bool)
-    is_seen[in_range] = seen[universe[in_range]]
+    seen, seen_scores, size, what = _scored(log_or_scores, normalize)
+    universe = _universe(ids, seen, size, unseen, what)
+    pos = np.minimum(np.searchsorted(seen, universe), max(seen.size - 1, 0))
+    is_seen = seen[pos] == universe if seen.size else np.zeros(universe.shape[0], dtype=bool)
     cand = universe[is_seen]
-    cand_scores = scores[cand]
+    cand_scores = seen_scores[pos[is_seen]]
 
     drop_mask = np.zeros(cand.shape[0], dtype=bool)
     if drop_negative:
