@@ -14,36 +14,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
+from inrun_shapley.batches import leading_dim, slice_rows
 from inrun_shapley.errors import ConfigurationError
 from inrun_shapley.posthoc.bif.config import LossFn
-
-
-def _leading_dim(batch: Any) -> Optional[int]:
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.dim() > 0 else None
-    if isinstance(batch, (tuple, list)):
-        for item in batch:
-            n = _leading_dim(item)
-            if n is not None:
-                return n
-    if isinstance(batch, dict):
-        for item in batch.values():
-            n = _leading_dim(item)
-            if n is not None:
-                return n
-    return None
-
-
-def _slice(batch: Any, start: int, stop: int) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch[start:stop]
-    if isinstance(batch, tuple):
-        return tuple(_slice(item, start, stop) for item in batch)
-    if isinstance(batch, list):
-        return [_slice(item, start, stop) for item in batch]
-    if isinstance(batch, dict):
-        return {k: _slice(v, start, stop) for k, v in batch.items()}
-    return batch
 
 
 def iter_chunks(source: Any, size: Optional[int], what: str) -> Iterator[Any]:
@@ -65,12 +38,12 @@ def iter_chunks(source: Any, size: Optional[int], what: str) -> Iterator[Any]:
             )
         yield from source
         return
-    n = _leading_dim(source)
+    n = leading_dim(source)
     if size is None or n is None or n <= size:
         yield source
         return
     for start in range(0, n, size):
-        yield _slice(source, start, start + size)
+        yield slice_rows(source, start, start + size)
 
 
 def evaluate(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import namedtuple
+
 import pytest
 import torch
 from torch import nn
@@ -12,6 +14,7 @@ from inrun_shapley.posthoc.bif.evaluation import evaluate, iter_chunks
 
 X = torch.arange(10.0).reshape(5, 2)
 Y = torch.arange(5.0)
+Pair = namedtuple("Pair", ["x", "y"])
 
 
 @pytest.mark.parametrize(
@@ -21,8 +24,9 @@ Y = torch.arange(5.0)
         ((X, Y), lambda c: c[0]),
         ([X, Y], lambda c: c[0]),
         ({"x": X, "meta": {"y": Y}}, lambda c: c["x"]),
+        (Pair(X, Y), lambda c: c.x),
     ],
-    ids=["tensor", "tuple", "list", "nested-dict"],
+    ids=["tensor", "tuple", "list", "nested-dict", "named-tuple"],
 )
 def test_in_memory_batches_are_cut_in_order_keeping_their_structure(batch, first_rows):
     chunks = list(iter_chunks(batch, 2, "train_samples"))
