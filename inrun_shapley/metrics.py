@@ -1,7 +1,8 @@
 """Evaluation metrics shared by the tests, the demo and the benchmarks.
 
 All functions take numpy arrays (or anything ``np.asarray`` accepts) and return floats or
-numpy arrays. Rank statistics use average ranks for ties.
+numpy arrays. Rank statistics use average ranks for ties. Bad shapes or labels raise
+:class:`~inrun_shapley.errors.ConfigurationError` (a ``ValueError``).
 """
 
 from __future__ import annotations
@@ -9,13 +10,15 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 
+from inrun_shapley.errors import ConfigurationError
+
 
 def pearson(x, y) -> float:
     """Pearson correlation of two 1-D arrays; ``nan`` when either is constant."""
     x = np.asarray(x, dtype=np.float64).ravel()
     y = np.asarray(y, dtype=np.float64).ravel()
     if x.shape != y.shape:
-        raise ValueError(f"pearson: shapes differ: {x.shape} vs {y.shape}")
+        raise ConfigurationError(f"pearson: shapes differ: {x.shape} vs {y.shape}; pass two arrays of the same length.")
     xc, yc = x - x.mean(), y - y.mean()
     denom = np.sqrt((xc * xc).sum() * (yc * yc).sum())
     return float((xc * yc).sum() / denom) if denom > 0 else float("nan")
@@ -36,7 +39,9 @@ def roc_auc(scores, positives) -> float:
     positives = np.asarray(positives, dtype=bool).ravel()
     n_pos, n_neg = int(positives.sum()), int((~positives).sum())
     if n_pos == 0 or n_neg == 0:
-        raise ValueError("roc_auc needs at least one positive and one negative label")
+        raise ConfigurationError(
+            f"roc_auc needs at least one positive and one negative label, got {n_pos} positive and {n_neg} negative."
+        )
     ranks = rankdata(scores)
     return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
@@ -58,9 +63,12 @@ def linear_datamodeling_score(scores, subsets, outputs) -> float:
     subsets = np.asarray(subsets, dtype=np.float64)
     outputs = np.asarray(outputs, dtype=np.float64)
     if scores.ndim != 2 or subsets.ndim != 2 or outputs.ndim != 2:
-        raise ValueError("LDS needs 2-D scores [n_train, Q], subsets [M, n_train], outputs [M, Q]")
+        raise ConfigurationError(
+            "LDS needs 2-D scores [n_train, Q], subsets [M, n_train], outputs [M, Q]; got "
+            f"{scores.shape}, {subsets.shape}, {outputs.shape}."
+        )
     if subsets.shape[1] != scores.shape[0] or outputs.shape != (subsets.shape[0], scores.shape[1]):
-        raise ValueError(
+        raise ConfigurationError(
             f"LDS shapes disagree: scores {scores.shape}, subsets {subsets.shape}, outputs {outputs.shape}"
         )
     predicted = subsets @ scores
