@@ -1,4 +1,4 @@
-"""Trajectory recording and the adjoint pass (DESIGN.md §2b) against autograd through the run.
+"""Trajectory recording and the adjoint pass (docs/math.md §8) against autograd through the run.
 
 What is exact (float64, relative error <= 1e-8), with ``damping=1``:
 

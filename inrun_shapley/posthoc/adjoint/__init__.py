@@ -1,4 +1,4 @@
-"""Trajectory-aware influence: the adjoint pass over a recorded run (DESIGN.md §2b).
+"""Trajectory-aware influence: the adjoint pass over a recorded run (docs/math.md §8).
 
 The whole run is linearized around the recorded trajectory and propagated backwards from the
 final model, one adjoint vector per query, all queries at once (``[Q, P]`` flat tensors).
@@ -20,9 +20,9 @@ Start: ``λθ_{T+1} = ∇f_q(θ_{T+1})``, every carry 0. Going from s = T down t
 
 with ``D_s`` by ``jacobian``:
 
-* ``"loo"`` (default, DESIGN.md §2b): ``D = J_s/(1-β1)``, ``J_s`` the diagonal leave-one-out
-  Jacobian of the real step w.r.t. the gradient (``StepTerms.loo_precond`` of the Adam adapter:
-  the second moment's dependence on this step's gradient kept). This is the exact adjoint of the
+* ``"loo"`` (default, docs/math.md §8): ``D = J_s/(1-β1)``, ``J_s`` the diagonal leave-one-out
+  Jacobian of the real step w.r.t. the gradient (``-inrun_shapley.optim.adam.update_jacobian_diag
+  / (σ·η)``: the second moment's dependence on this step's gradient kept). This is the exact adjoint of the
   linear system ``δm_s = β1·δm_{s-1} + (1-β1)·δg'_s``, ``δθ_{s+1} = (1-ηλd)·δθ_s -
   η·J_s/(1-β1) ⊙ δm_s``: J's second-moment correction is applied to every perturbation of
   ``m_s``, and ``v``'s memory of earlier steps is dropped. It is an approximation of the real
@@ -63,7 +63,7 @@ Cost per step: one forward, one double-backward over the batch (batched over the
 
 **Gradient clipping.** When the recorded gradient norm differs from the one ``loss_fn`` gives
 on the recorded batch by more than 0.1 %, the contributions and the Hessian term are scaled by
-the ratio ``κ`` (the clipping factor, held fixed as in DESIGN.md §2) with a warning; replayed
+the ratio ``κ`` (the clipping factor, held fixed as in docs/math.md §2) with a warning; replayed
 recordings (``every > 1``) refuse such runs.
 """
 

@@ -21,6 +21,8 @@ from inrun_shapley.posthoc.adjoint.stepper import JACOBIANS, Stepper
 from inrun_shapley.posthoc.adjoint.work import Work, cast, check_model, query_gradients
 from inrun_shapley.trajectory import Recording
 
+OUTPUT_KINDS = {"loss": -1, "score": 1, None: None}
+"""``output_kind`` -> the value log's ``helpful_sign`` (+1: a higher score is more helpful)."""
 
 def adjoint_influence(
     model: nn.Module,
@@ -40,10 +42,11 @@ def adjoint_influence(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 50,
     log_path: str | os.PathLike | None = None,
+    output_kind: str | None = None,
     progress: bool = True,
     info: dict | None = None,
 ) -> np.ndarray:
-    """Trajectory-aware influence of every training sample on every query (DESIGN.md §2b).
+    """Trajectory-aware influence of every training sample on every query (docs/math.md §8).
 
     Args:
         model: the trained architecture (its parameter names and shapes must match the
@@ -72,7 +75,12 @@ def adjoint_influence(
             steps and at the end.
         log_path: also write the result as a per-query value log
             (:class:`~inrun_shapley.log.ShapleyLogWriter`, one entry at the last recorded step,
-            metadata ``kind="adjoint_influence"``; note the sign convention above).
+            ``score_kind="adjoint"``, metadata ``kind="adjoint_influence"``; note the sign
+            convention above).
+        output_kind: what ``output_fn`` measures, for the log's ``helpful_sign``: ``"loss"``
+            (higher = worse, so a positive score means harmful: -1), ``"score"`` (a margin,
+            log-probability or accuracy, higher = better: +1), or None (direction unknown: the
+            log cannot be ranked by helpfulness).
         progress: show a tqdm progress bar.
         info: a dict filled with diagnostics (``rho``, ``radii``, ``steps``, ``seconds``,
             ``replay_error``, ``resumed_from``).
@@ -121,10 +129,21 @@ def adjoint_influence(
         raise ConfigurationError(f"damping must be 'auto' or a float in (0, 1], got {damping!r}")
     if last_steps is not None and (not isinstance(last_steps, int) or last_steps < 1):
         raise ConfigurationError(f"last_steps must be a positive int or None, got {last_steps!r}")
+    if output_kind is not None and output_kind not in ("loss", "score"):
+        raise ConfigurationError(f"output_kind must be one of {list(OUTPUT_KINDS)}, got {output_kind!r}")
     if checkpoint_every < 1:
         raise ConfigurationError(f"checkpoint_every must be >= 1, got {checkpoint_every!r}")
     rec = recording if isinstance(recording, Recording) else Recording.load(recording)
     check_model(model, rec)
+    window_first = rec.first_step if last_steps is None else max(rec.first_step, rec.last_step - last_steps + 1)
+    gaps = [(a, b) for a, b in rec.missing_steps() if b >= window_first]
+    if gaps:
+        listed = ", ".join(f"{a}" if a == b else f"{a}..{b}" for a, b in gaps[:10])
+        raise LogError(
+            f"{rec.path}: the recording has gaps: steps {listed}{' ...' if len(gaps) > 10 else ''} are missing; the "
+            "adjoint pass needs every step between the first and the last. Record the run again, or use "
+            "last_steps= to propagate only through the steps after the last gap"
+        )
     if rec.optimizer == "adam" and not rec.manifest.get("optimizer_state", True):
         raise ConfigurationError(
             f"{rec.path}: Adam's optimizer state was not recorded (optimizer_state=False); the adjoint pass "
@@ -221,10 +240,14 @@ def adjoint_influence(
         from inrun_shapley.log import ShapleyLogWriter
 
         seen = np.unique(np.concatenate([rec.ids(s) for s in range(first, last + 1)]))
-        with ShapleyLogWriter(log_path, n_queries=n_q, record_steps=False, flush_every=0, metadata={
-            "kind": "adjoint_influence", "sign": "positive = including the sample raises f_q",
-            "jacobian": jacobian, "rho": rho, "steps": [first, last], "recording": str(rec.path),
-        }) as w:
+        with ShapleyLogWriter(
+            log_path, n_queries=n_q, record_steps=False, flush_every=0,
+            score_kind="adjoint", positive_means="including the sample raises f_q (the query output)",
+            helpful_sign=OUTPUT_KINDS[output_kind],
+            metadata={"kind": "adjoint_influence", "sign": "positive = including the sample raises f_q",
+                      "output_kind": output_kind, "jacobian": jacobian, "rho": rho, "steps": [first, last],
+                      "recording": str(rec.path)},
+        ) as w:
             w.add_step(last, seen, result[seen])
     if info is not None:
         info.update(rho=rho, radii=radii, steps=(first, last), seconds=time.perf_counter() - t0,
