@@ -12,7 +12,7 @@ else 1, weight decay λ::
     D = sqrt(v_used/b2) + eps                 b1 = 1-β1^t, b2 = 1-β2^t
     Δ = θ_{t+1} - θ_t = -lr·(m'/b1)/D         (AdamW: - lr·λ·θ_t as well)
 
-Its elementwise derivative in g (docs/math.md §2a)::
+Its elementwise derivative in g (docs/math.md §3)::
 
     dΔ/dg = -s·lr/b1 · [ (1-β1)/D - m'·(1-β2)·g' / (b2·sqrt(v_used/b2)·D²) ]
 
@@ -198,6 +198,16 @@ def update_moment_partials(
     return d_m, d_v
 
 
+def state_after_step(g: Tensor, theta: Tensor | None, group: dict, state_before: dict) -> dict:
+    """The state torch holds after the step (``step``, ``exp_avg``, ``exp_avg_sq``, and with
+    amsgrad ``max_exp_avg_sq``): what a replay carries to the next step. Args as :func:`update`."""
+    st = _step(g, theta, group, state_before)
+    out = {STEP: st.t, EXP_AVG: st.m_new, EXP_AVG_SQ: st.v_new}
+    if st.h.amsgrad:
+        out[MAX_EXP_AVG_SQ] = st.v_used
+    return out
+
+
 def state_before_step(
     state_after: dict, g: Tensor, theta: Tensor | None, group: dict, before: dict | None = None
 ) -> dict:
@@ -261,6 +271,7 @@ class AdamAdapter:
     update = staticmethod(update)
     update_jacobian_diag = staticmethod(update_jacobian_diag)
     state_before_step = staticmethod(state_before_step)
+    state_after_step = staticmethod(state_after_step)
     snapshot_state = staticmethod(snapshot_state)
 
     def check_group(self, group: dict) -> str | None:

@@ -13,7 +13,7 @@ from inrun_shapley.errors import UnsupportedOptimizerError
 
 @dataclass
 class StepTerms:
-    """The fixed-state linearization of one parameter's update (DESIGN.md §2).
+    """The fixed-state linearization of one parameter's update (docs/math.md §2).
 
     With the optimizer state frozen, the update of the parameter when only the samples in S
     contribute to the gradient is ``theta_next(S) - theta = drift + sum_{i in S} delta_i`` with
@@ -46,7 +46,7 @@ class OptimizerAdapter(Protocol):
     """One optimizer family's math, as pure functions (the family's module holds them).
 
     Besides the fixed-state :meth:`terms`, every family gives the exact step as a function of
-    the gradient (docs/math.md §2a): ``update(g, theta, group, state_before) -> Δ``, its diagonal
+    the gradient (docs/math.md §3): ``update(g, theta, group, state_before) -> Δ``, its diagonal
     Jacobian ``update_jacobian_diag(g, theta, group, state_before) -> dΔ/dg``, and the state
     before the step either reconstructed in the post-hook,
     ``state_before_step(state_after, g, theta, group, before) -> state_before``, or copied in the
@@ -65,6 +65,9 @@ class OptimizerAdapter(Protocol):
         self, state_after: dict, g: Tensor, theta: Tensor | None, group: dict, before: dict | None = None
     ) -> dict:
         """The state before the step, from the state after it and the gradient it used."""
+
+    def state_after_step(self, g: Tensor, theta: Tensor | None, group: dict, state_before: dict) -> dict:
+        """The state torch holds after the step (what a replay carries on)."""
 
     def snapshot_state(self, group: dict, state: dict) -> dict:
         """A copy of the state before the step (call in the step pre-hook)."""

@@ -100,10 +100,23 @@ def update(g: Tensor, theta: Tensor | None, group: dict, state_before: dict) -> 
     g_eff = effective_gradient(g, theta, h)
     if h.momentum == 0:
         return -h.lr * g_eff
-    buf = _buffer(state_before)
-    buf = g_eff if buf is None else buf.to(g_eff.dtype) * h.momentum + (1.0 - h.dampening) * g_eff
+    buf = _new_buffer(g_eff, h, state_before)
     step = g_eff + h.momentum * buf if h.nesterov else buf
     return -h.lr * step
+
+
+def _new_buffer(g_eff: Tensor, h: SGDHyper, state_before: dict) -> Tensor:
+    buf = _buffer(state_before)
+    return g_eff if buf is None else buf.to(g_eff.dtype) * h.momentum + (1.0 - h.dampening) * g_eff
+
+
+def state_after_step(g: Tensor, theta: Tensor | None, group: dict, state_before: dict) -> dict:
+    """The state torch holds after the step (``{"momentum_buffer": buf_t}``, ``{}`` without
+    momentum): what a replay carries to the next step. Args as :func:`update`."""
+    h = hyper(group)
+    if h.momentum == 0:
+        return {}
+    return {MOMENTUM_BUFFER: _new_buffer(effective_gradient(g, theta, h), h, state_before)}
 
 
 def update_jacobian_diag(g: Tensor, theta: Tensor | None, group: dict, state_before: dict) -> Tensor:
@@ -157,6 +170,7 @@ class SGDAdapter:
     update = staticmethod(update)
     update_jacobian_diag = staticmethod(update_jacobian_diag)
     state_before_step = staticmethod(state_before_step)
+    state_after_step = staticmethod(state_after_step)
     snapshot_state = staticmethod(snapshot_state)
 
     def check_group(self, group: dict) -> str | None:

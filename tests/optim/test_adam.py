@@ -110,3 +110,14 @@ def test_hyper_reads_torch_groups():
     h = adam.hyper(torch.optim.AdamW([p], lr=torch.tensor(0.5), foreach=False, betas=(0.7, 0.8)).param_groups[0])
     assert (h.lr, h.beta1, h.beta2, h.decoupled, h.l2) == (0.5, 0.7, 0.8, True, 0.0)
     assert adam.hyper(torch.optim.Adam([p], weight_decay=0.1).param_groups[0]).l2 == 0.1
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_state_after_step_equals_torch_state(name):
+    for r in records(name, torch.float64):
+        got = adam.state_after_step(r["g"], r["theta"], r["group"], r["state"])
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if key in r["state_after"] and r["state_after"][key] is not None:
+                torch.testing.assert_close(got[key], r["state_after"][key], rtol=1e-12, atol=1e-15)
+            else:
+                assert key not in got

@@ -80,3 +80,14 @@ def test_drift_and_coefficient_agree_with_the_update():
                                        need_drift=True, need_loo=False)
             want = sgd.update(r["g"], r["theta"], r["group"], r["state"])
             torch.testing.assert_close(t.drift - t.sign * t.lr * t.coeff * r["g"], want, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_state_after_step_equals_torch_state(name):
+    for r in records(name, torch.float64):
+        got = sgd.state_after_step(r["g"], r["theta"], r["group"], r["state"])
+        for key in ("momentum_buffer",):
+            if key in r["state_after"] and r["state_after"][key] is not None:
+                torch.testing.assert_close(got[key], r["state_after"][key], rtol=1e-12, atol=1e-15)
+            else:
+                assert key not in got
