@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from inrun_shapley.data import IDS_KEY, INPUT_KEYS, TARGET_KEYS, SampleIds, default_loss, validation_rows
+from inrun_shapley.engine.ids import as_sample_ids
 from inrun_shapley.engine.store import InMemoryValues, merge_across_ranks  # noqa: F401  (re-exported)
 from inrun_shapley.engine.tracker import ShapleyTracker
 from inrun_shapley.errors import ConfigurationError, LogError, SampleIdError
@@ -72,9 +73,13 @@ def take_sample_ids(batch, ids_fn: Callable | None = None, key: str = IDS_KEY) -
     IndexedDataset added; else ``batch[key]`` of a dict batch (your own ids: read, left in place).
     The added ids are removed in every case, also when ``ids_fn`` is given.
 
+    Returns:
+        ``[n]`` int64 CPU tensor, checked as the tracker checks them (one function for both).
+
     Raises:
-        SampleIdError: no ids can be found, or they sit in a tuple batch (immutable: make the
-            ``collate_fn`` return a list, as ``default_collate`` does, or pass ``ids_fn``).
+        SampleIdError: no ids can be found, they sit in a tuple batch (immutable: make the
+            ``collate_fn`` return a list, as ``default_collate`` does, or pass ``ids_fn``), or
+            they are not one distinct non-negative integer per row.
     """
     ids = ids_fn(batch) if ids_fn is not None else None
     added = None
@@ -99,7 +104,7 @@ def take_sample_ids(batch, ids_fn: Callable | None = None, key: str = IDS_KEY) -
             f"{found}). Wrap the training dataset with inrun_shapley.IndexedDataset, or pass "
             "ids_fn=lambda batch: <1-D tensor of sample ids>"
         )
-    return ids.detach().cpu().as_subclass(Tensor) if isinstance(ids, Tensor) else ids
+    return as_sample_ids(ids)
 
 
 def checkpoint_cursor(tracker: ShapleyTracker) -> dict:

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from inrun_shapley import ConfigurationError, ShapleyTracker
-from inrun_shapley.engine.ghost import GhostQueries, _gram_product, estimated_flops, rank_one_precond
+from inrun_shapley.capture.ghost import gram_product as _gram_product, rank_one_precond
+from inrun_shapley.engine.queries import GhostQueries, estimated_flops
 from inrun_shapley.optim import StepTerms, register_adapter, unregister_adapter
 from inrun_shapley.optim.adam import AdamAdapter
 from tests import oracles

@@ -14,44 +14,54 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.utils.data import Dataset, default_collate
 
+from inrun_shapley.batches import move_to, rows_of, take_rows
 from inrun_shapley.capture.registry import up
+from inrun_shapley.engine.batched import batched_or_loop
 from inrun_shapley.errors import ConfigurationError, NonFiniteError
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
 
-def _rows_of(batch) -> int:
-    if isinstance(batch, Tensor):
-        return batch.shape[0]
-    if isinstance(batch, dict):
-        return _rows_of(next(iter(batch.values())))
-    if isinstance(batch, (tuple, list)):
-        return _rows_of(batch[0])
-    raise ConfigurationError(f"cannot find the rows of a validation batch of type {type(batch).__name__}")
+class _LossCall(nn.Module):
+    """``loss_fn(model, batch)`` as a module, so that ``torch.func.functional_call`` can evaluate
+    it with the model's parameters replaced by other tensors (the model itself is untouched)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch)
 
 
-def _take(batch, index: Tensor):
-    """Rows ``index`` of a batch structure (tensor, tuple/list or dict of tensors)."""
-    if isinstance(batch, Tensor):
-        return batch[index.to(batch.device)]
-    if isinstance(batch, dict):
-        return {k: _take(v, index) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_take(v, index) for v in batch)
-    return batch
+def parameter_values(model: nn.Module, params: Sequence[Tensor], at: Sequence[Tensor] | None = None):
+    """Tensors standing in for the model's parameters in a validation pass, and the leaves of
+    ``params`` to differentiate.
 
+    Every parameter is replaced by a detached alias (no copy; ``requires_grad`` kept), ``params[i]``
+    by ``at[i]`` when given. The user's parameters are never written, their ``.grad`` and
+    hooks never touched.
 
-def move_to(batch, device: torch.device):
-    """Move every tensor of a batch structure to ``device``."""
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: move_to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(move_to(v, device) for v in batch)
-    return batch
+    Returns:
+        ``({qualified name: tensor}, [leaf per params[i]])``.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    values = {n: p.detach().requires_grad_(p.requires_grad) for n, p in model.named_parameters()}
+    leaves = []
+    for i, p in enumerate(params):
+        if id(p) not in names:
+            raise ConfigurationError("a tracked parameter is not a parameter of the model")
+        name = names[id(p)]
+        if at is not None:
+            values[name] = at[i].detach().requires_grad_(True)
+        else:
+            values[name].requires_grad_(True)
+        leaves.append(values[name])
+    return values, leaves
 
 
 @contextmanager
@@ -105,7 +115,7 @@ class ValidationObjective:
             self._collate = collate_fn or default_collate
         else:
             self._dataset, self._batch = None, data
-            self._n = _rows_of(data)
+            self._n = rows_of(data, "validation batch")
         if self._n == 0:
             raise ConfigurationError("the validation set is empty")
         if sample_size is not None and not (0 < sample_size <= self._n):
@@ -117,7 +127,7 @@ class ValidationObjective:
 
     def _rows(self, index: Tensor):
         if self._batch is not None:
-            return _take(self._batch, index)
+            return take_rows(self._batch, index)
         return self._collate([self._dataset[int(i)] for i in index])
 
     def indices(self, step: int) -> Tensor:
@@ -134,9 +144,18 @@ class ValidationObjective:
             part = idx[start : start + self.batch_size]
             yield self._rows(part), len(part)
 
-    def per_sample_losses(self, model: nn.Module, batch, device) -> Tensor:
-        """``loss_fn`` on one batch, checked: returns ``[m]`` or a scalar."""
-        losses = self.loss_fn(model, move_to(batch, device))
+    def per_sample_losses(self, model: nn.Module, batch, device, values: dict[str, Tensor] | None = None) -> Tensor:
+        """``loss_fn`` on one batch, checked: returns ``[m]`` or a scalar.
+
+        ``values`` (from :func:`parameter_values`): evaluate with the model's parameters replaced
+        by these tensors through ``torch.func.functional_call`` (the model is not written).
+        """
+        batch = move_to(batch, device)
+        if values is None:
+            losses = self.loss_fn(model, batch)
+        else:
+            call = _LossCall(model, self.loss_fn)
+            losses = functional_call(call, {f"model.{n}": v for n, v in values.items()}, (batch,))
         if not isinstance(losses, Tensor):
             raise ConfigurationError(f"val_loss_fn must return a tensor, got {type(losses).__name__}")
         if not torch.isfinite(losses.detach()).all():
@@ -146,11 +165,12 @@ class ValidationObjective:
             )
         return losses
 
-    def mean_loss(self, model: nn.Module, step: int, device) -> Iterator[Tensor]:
-        """Yields pieces of ``L_val`` (each already weighted) whose sum is the mean loss."""
+    def mean_loss(self, model: nn.Module, step: int, device, values: dict[str, Tensor] | None = None) -> Iterator[Tensor]:
+        """Yields pieces of ``L_val`` (each already weighted) whose sum is the mean loss
+        (``values``: parameters replaced, see :meth:`per_sample_losses`)."""
         total = len(self.indices(step))
         for batch, rows in self.chunks(step):
-            losses = self.per_sample_losses(model, batch, device)
+            losses = self.per_sample_losses(model, batch, device, values)
             if losses.dim() == 0:
                 yield losses * (rows / total)
             else:
@@ -161,8 +181,13 @@ class ValidationObjective:
                     )
                 yield up(losses).sum() / total
 
-    def gradient(self, model: nn.Module, params: Sequence[Tensor], step: int, hvp_vectors: Sequence[Tensor] | None = None):
-        """Gradient of ``L_val`` at the current parameters, without touching ``.grad``.
+    def gradient(self, model: nn.Module, params: Sequence[Tensor], step: int,
+                 hvp_vectors: Sequence[Tensor] | None = None, at: Sequence[Tensor] | None = None):
+        """Gradient of ``L_val`` with respect to ``params``, without touching the model.
+
+        The loss is evaluated through ``torch.func.functional_call`` on aliases of the
+        parameters (:func:`parameter_values`): ``.grad``, the parameters' values and their
+        hooks are left alone.
 
         Args:
             model: the model (called through ``loss_fn``).
@@ -170,6 +195,8 @@ class ValidationObjective:
             step: the optimizer step (selects the sample).
             hvp_vectors: if given (one tensor per param), also return the Hessian-vector product
                 ``H_val @ v`` (second order).
+            at: evaluate at these values of ``params`` (one tensor per param) instead of their
+                current ones, e.g. the parameters before the step, read in the step post-hook.
 
         Returns:
             list of gradients (fp32, zeros for unused params), and the HVP list or None.
@@ -179,8 +206,9 @@ class ValidationObjective:
         hvps = [up(torch.zeros_like(p)) for p in params] if hvp_vectors is not None else None
         ctx = eval_mode(model) if self.use_eval_mode else _null()
         with ctx, torch.enable_grad():
-            for piece in self.mean_loss(model, step, device):
-                g = torch.autograd.grad(piece, params, allow_unused=True, create_graph=hvp_vectors is not None)
+            values, leaves = parameter_values(model, params, at)
+            for piece in self.mean_loss(model, step, device, values):
+                g = torch.autograd.grad(piece, leaves, allow_unused=True, create_graph=hvp_vectors is not None)
                 for i, gi in enumerate(g):
                     if gi is None:
                         continue
@@ -191,15 +219,14 @@ class ValidationObjective:
                     used = [(i, gi) for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
                     if used:
                         dot = sum((gi * hvp_vectors[i].to(gi.dtype)).sum() for i, gi in used)
-                        h = torch.autograd.grad(dot, params, allow_unused=True)
+                        h = torch.autograd.grad(dot, leaves, allow_unused=True)
                         for acc, hi in zip(hvps, h):
                             if hi is not None:
                                 acc += hi.to(acc.dtype)
         grads = [up(torch.zeros_like(p)) if gr is None else gr for p, gr in zip(params, grads)]
         return grads, hvps
 
-
-    def query_gradients(self, model: nn.Module, params: Sequence[Tensor], ghost=None, hvp_vectors=None):
+    def query_gradients(self, model: nn.Module, params: Sequence[Tensor], ghost=None, hvp_vectors=None, at=None):
         """Gradient of every query's own loss: one ``[Q, *param.shape]`` tensor per parameter.
 
         Queries are the rows of the validation set (all of them, every step); a loss function
@@ -213,6 +240,9 @@ class ValidationObjective:
 
         ``hvp_vectors`` (one tensor per param, second order): also return every query's
         Hessian-vector product ``H_q u`` (``[Q, *shape]`` per param), i.e. ``(grads, hvps)``.
+
+        ``at``: evaluate at these values of ``params``, as in :meth:`gradient` (the model is never
+        written either way).
         """
         if self.sample_size is not None:
             raise ConfigurationError("per-query values use every query at every step: leave val_sample_size=None")
@@ -221,9 +251,10 @@ class ValidationObjective:
         hvp_pieces: list[list[Tensor]] = [[] for _ in params]
         ctx = eval_mode(model) if self.use_eval_mode else _null()
         with ctx, torch.enable_grad():
+            values, leaves = parameter_values(model, params, at)
             for batch, rows in self.chunks(0):
                 with ghost.recording() if ghost is not None else _null():
-                    losses = self.per_sample_losses(model, batch, device)
+                    losses = self.per_sample_losses(model, batch, device, values)
                 if losses.dim() == 0 or losses.shape[0] != rows:
                     raise ConfigurationError(
                         "per-query values need val_loss_fn to return one loss per query row ([m]) or "
@@ -235,11 +266,11 @@ class ValidationObjective:
                     continue
                 flat = up(losses).reshape(-1)
                 if hvp_vectors is not None:
-                    grads, hvps = _per_query_grads_and_hvps(flat, params, hvp_vectors)
+                    grads, hvps = _per_query_grads_and_hvps(flat, leaves, hvp_vectors)
                     for acc, h, prm in zip(hvp_pieces, hvps, params):
                         acc.append(up(torch.zeros(flat.numel(), *prm.shape, device=device)) if h is None else up(h))
                 else:
-                    grads = _per_query_grads(flat, params)
+                    grads = _per_query_grads(flat, leaves)
                 for acc, g, prm in zip(pieces, grads, params):
                     acc.append(up(torch.zeros(flat.numel(), *prm.shape, device=device)) if g is None else up(g.detach()))
         grads = [torch.cat(acc) for acc in pieces]
@@ -256,15 +287,20 @@ class ValidationObjective:
 
 
 def _per_query_grads(flat: Tensor, params: Sequence[Tensor], create_graph: bool = False) -> list:
-    """``[Q, *shape]`` gradient of each entry of ``flat`` (one batched backward, or a loop)."""
-    eye = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
-    try:
+    """``[Q, *shape]`` gradient of each entry of ``flat``: one batched backward, or (an op without
+    a batching rule, warned once) one backward per query; out-of-memory errors are raised."""
+
+    def batched():
+        eye = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
         return list(torch.autograd.grad(flat, params, grad_outputs=eye, is_grads_batched=True,
                                         allow_unused=True, retain_graph=True, create_graph=create_graph))
-    except RuntimeError:  # an op without a vmap rule: one backward per query
+
+    def loop():
         per_q = [torch.autograd.grad(f, params, allow_unused=True, retain_graph=True, create_graph=create_graph)
                  for f in flat]
         return [None if per_q[0][i] is None else torch.stack([g[i] for g in per_q]) for i in range(len(params))]
+
+    return batched_or_loop(batched, loop, "per-query validation gradients")
 
 
 def _per_query_grads_and_hvps(flat: Tensor, params: Sequence[Tensor], vectors: Sequence[Tensor]):

@@ -1,38 +1,19 @@
-"""Ghost dot products: per-query values without per-query gradients (DESIGN.md §2).
+"""Per-query values: which layers take the ghost path, and the ghost path's query side.
 
 The exact per-query path forms every query's gradient ``g_q`` (``Q`` copies of the tracked
-parameters) and maps each training sample's captures through each of them. For a layer whose
-weight gradient is a sum of outer products, the pairwise dot product of two gradients needs
-neither of them:
-
-* ``nn.Linear`` (inputs ``a``, output gradients ``b``, any number of positions)::
-
-      <c_i, g_q> = sum_{t,s} (a_it · a_qs) (b_it · b_qs)          cost ~ T·S·(d_in + d_out)
-
-* ``nn.Embedding`` (token ids ``x``): the token-match form::
-
-      <c_i, g_q> = sum_{t,s} [x_it == x_qs] (b_it · b_qs)          cost ~ T·S·d
+parameters) and maps each training sample's captures through each of them. Linear and Embedding
+layers have ghost forms (:mod:`inrun_shapley.capture.ghost`) that need neither gradient: this
+module plans, per layer, which path is taken (:func:`plan_query_path`, with a FLOP estimate) and
+holds the query side of the ghost path (:class:`GhostQueries`).
 
 The query side (``a_q``, ``b_q`` of every query sample) is captured during the per-query
 validation pass. Queries do not interact, so ONE backward of the SUM of the query losses gives
 every query row its own ``b_q`` (per-token queries: one backward per token position, batched).
-The activations of different query samples are never summed before the outer product: each
-query keeps its own rows (summing them is the pitfall of DESIGN.md §2: it scores against the
-gradient of the summed loss, not of each query).
-
-Preconditioners. A value is ``sign·lr·k · <c_i, P ⊙ g_q>``. SGD (``P = 1``) and the SGD-form
-estimator are exact. Adam's ``P`` sits between the two gradients; for Linear weights it is
-replaced by a rank-1 approximation ``P ≈ u wᵀ`` (the "linearized ghost approximation"), which
-moves into the factors: ``a_qs ← a_qs ⊙ w``, ``b_qs ← b_qs ⊙ u``. The factorization is
-Adafactor-style on ``D = (1/P)² = (sqrt(v̂) + eps)²`` (≈ ``v̂``): ``D ≈ r cᵀ / mean(D)`` with the
-row means ``r`` and column means ``c``, then ``P̃ = 1/sqrt(D̃)``. It is exact when ``P`` is rank-1
-and an approximation otherwise (measure its error: ``tests/test_ghost.py``). Embedding weights
-and all biases keep the exact ``P`` (it is gathered at the training sample's own tokens).
 
 Layers without a ghost form (norms, attention through the JVP rule, convolutions, custom
 modules) and parameters shared between modules stay on the exact path; the two parts add up.
-The leave-one-out estimator's Jacobian can change sign, so it has no rank-1 factorization
-here: ``query_path="ghost"`` refuses it and ``"auto"`` keeps it exact.
+The leave-one-out estimator's Jacobian can change sign, so it has no rank-1 factorization:
+``query_path="ghost"`` refuses it and ``"auto"`` keeps it exact.
 """
 
 from __future__ import annotations
@@ -45,33 +26,16 @@ from typing import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from inrun_shapley.capture.ghost import GHOST_KINDS, ghost_dot, ghost_kind, prepare_query_side
 from inrun_shapley.capture.registry import Capture, up
+from inrun_shapley.engine.batched import batched_or_loop
+from inrun_shapley.engine.directions import Estimator, ghost_factors
+from inrun_shapley.engine.validation import eval_mode
 from inrun_shapley.errors import ConfigurationError, SampleIdError
 
+__all__ = ["GHOST_KINDS", "QUERY_PATHS", "GhostQueries", "PlanRow", "estimated_flops", "plan_query_path"]
+
 QUERY_PATHS = ("auto", "exact", "ghost")
-GHOST_KINDS = ("linear", "embedding")
-_MAX_BLOCK = 1 << 22  # elements of one [rows·positions, query rows, tokens, positions] block
-
-
-# --------------------------------------------------------------------- preconditioner
-def rank_one_precond(precond: Tensor) -> tuple[Tensor, Tensor]:
-    """Rank-1 approximation ``P ≈ u wᵀ`` of a positive 2-D preconditioner.
-
-    Adafactor-style on ``D = P⁻²`` (for Adam ``(sqrt(v̂) + eps)²``): ``D̃ = r cᵀ / mean(D)``
-    with ``r``, ``c`` the row and column means, then ``P̃ = D̃^{-1/2}``. Exact when ``P`` is
-    rank-1.
-
-    Args:
-        precond: ``[d_out, d_in]`` positive preconditioner.
-
-    Returns:
-        ``(u [d_out], w [d_in])`` in ``precond``'s dtype.
-    """
-    d = precond.double().reciprocal().square()
-    r, c, mean = d.mean(1), d.mean(0), d.mean()
-    u = r.rsqrt()
-    w = (mean / c).sqrt()
-    return u.to(precond.dtype), w.to(precond.dtype)
 
 
 # --------------------------------------------------------------------- cost model
@@ -143,7 +107,7 @@ class GhostQueries:
 
     def __init__(self, modules: Mapping[str, nn.Module]):
         self.modules = dict(modules)
-        self.kinds = {n: ("embedding" if isinstance(m, nn.Embedding) else "linear") for n, m in self.modules.items()}
+        self.kinds = {n: ghost_kind(m) for n, m in self.modules.items()}
         self.param_ids = {id(p) for m in self.modules.values() for p in m.parameters(recurse=False)}
         self._calls: dict[str, list[tuple[Tensor, Tensor]]] = {}
         # per chunk: {name: (a_or_idx [m, S, d_in] / [m, S], b [m, K, S, d_out])}
@@ -193,13 +157,17 @@ class GhostQueries:
                 grads = [None if g is None else g.unsqueeze(0) for g in grads]  # [1, *out]
             else:
                 eye = torch.eye(k, dtype=flat.dtype, device=flat.device).unsqueeze(1).expand(k, rows, k)
-                try:
-                    grads = torch.autograd.grad(flat, outs, grad_outputs=eye.reshape(k, *losses.shape),
-                                                is_grads_batched=True, allow_unused=True, retain_graph=True)
-                except RuntimeError:  # an op without a vmap rule: one backward per token position
+
+                def batched():
+                    return torch.autograd.grad(flat, outs, grad_outputs=eye.reshape(k, *losses.shape),
+                                               is_grads_batched=True, allow_unused=True, retain_graph=True)
+
+                def loop():  # one backward per token position
                     per = [torch.autograd.grad(flat[:, j].sum(), outs, allow_unused=True, retain_graph=True)
                            for j in range(k)]
-                    grads = [None if per[0][i] is None else torch.stack([p[i] for p in per]) for i in range(len(outs))]
+                    return [None if per[0][i] is None else torch.stack([p[i] for p in per]) for i in range(len(outs))]
+
+                grads = batched_or_loop(batched, loop, "per-token query gradients of the ghost layers")
             it = iter(grads)
             for name in names:
                 a_parts, b_parts = [], []
@@ -222,45 +190,33 @@ class GhostQueries:
         self.chunk_rows.append(rows)
 
     # ---- per step
-    def prepare(self, terms: Mapping[int, object], estimator: str) -> None:
+    def prepare(self, terms: Mapping[int, object], estimator: "Estimator | str") -> None:
         """Fold ``sign·lr·k`` and the preconditioner of every ghost parameter into the query side.
 
         Args:
             terms: ``{id(param): StepTerms or None}`` for this step.
-            estimator: ``"shapley"`` (``P`` and ``k`` used) or ``"sgd"`` (``lr`` and sign only).
+            estimator: ``shapley`` (``P`` and ``k`` used) or ``sgd`` (``lr`` and sign only).
+
+        Raises:
+            ConfigurationError: an estimator without a ghost form (``loo``).
         """
-        if estimator not in ("shapley", "sgd"):
-            raise ConfigurationError(f"the ghost path supports estimators 'shapley' and 'sgd', not {estimator!r}")
+        estimator = Estimator.parse(estimator)
+        if not estimator.has_ghost_form:
+            raise ConfigurationError(f"the ghost path supports estimators 'shapley' and 'sgd', not {estimator.value!r}")
         self._prepared = []
         for chunk in self.chunks:
             prepared: dict[str, dict] = {}
             for name, (a_q, b_q) in chunk.items():
-                module = self.modules[name]
                 entry: dict = {}
-                for pname, p in module.named_parameters(recurse=False):
+                for pname, p in self.modules[name].named_parameters(recurse=False):
                     t = terms.get(id(p))
                     if t is None or not p.requires_grad:
                         continue
-                    scale = t.sign * t.lr * (t.coeff if estimator == "shapley" else 1.0)
-                    precond = t.precond if estimator == "shapley" else None
-                    entry[pname] = self._prepare_param(self.kinds[name], pname, scale, precond, a_q, b_q)
+                    scale, precond = ghost_factors(estimator, t)
+                    entry[pname] = prepare_query_side(self.kinds[name], pname, scale, precond, a_q, b_q)
                 if entry:
                     prepared[name] = entry
             self._prepared.append(prepared)
-
-    @staticmethod
-    def _prepare_param(kind: str, pname: str, scale: float, precond: Tensor | None, a_q: Tensor, b_q: Tensor) -> dict:
-        if pname == "bias":  # exact: M_b[q] = scale · P_b ⊙ sum_s b_qs
-            m = b_q.sum(2) * scale  # [m, K, d_out]
-            if precond is not None:
-                m = m * precond.to(m.dtype)
-            return {"direction": m.reshape(-1, m.shape[-1])}
-        if kind == "embedding":  # exact P, gathered at the training tokens
-            return {"idx": a_q, "b": b_q * scale, "precond": precond}
-        if precond is None:
-            return {"a": a_q, "b": b_q * scale}
-        u, w = rank_one_precond(precond.to(a_q.dtype))
-        return {"a": a_q * w, "b": b_q * (u * scale)}
 
     def dot(self, name: str, capture: Capture, n: int) -> Tensor:
         """``[n, Q]`` values of the ``n`` training samples of one captured call of layer ``name``."""
@@ -270,7 +226,7 @@ class GhostQueries:
             if entry is None:
                 parts.append(None)
                 continue
-            parts.append(self._dot_chunk(name, capture, n, entry))
+            parts.append(ghost_dot(self.modules[name], capture, n, entry))
         ref = next((p for p in parts if p is not None), None)
         if ref is None:
             return torch.zeros(n, self.n_queries, dtype=up(capture.grad_output).dtype, device=capture.grad_output.device)
@@ -279,71 +235,9 @@ class GhostQueries:
             for p, rows in zip(parts, self.chunk_rows)
         ], dim=1)
 
-    def _dot_chunk(self, name: str, capture: Capture, n: int, entry: dict) -> Tensor:
-        module = self.modules[name]
-        b = up(capture.grad_output)
-        b = b.reshape(n, -1, b.shape[-1])  # [n, T, d_out]
-        total = 0
-        if "bias" in entry:
-            total = total + b.sum(1) @ entry["bias"]["direction"].T
-        w = entry.get("weight")
-        if w is None:
-            return total
-        if self.kinds[name] == "embedding":
-            idx = capture.args[0].reshape(n, -1)
-            if module.padding_idx is not None:
-                b = b.masked_fill((idx == module.padding_idx).unsqueeze(-1), 0.0)
-            if w["precond"] is not None:
-                b = b * w["precond"].to(b.dtype)[idx]
-            return total + _token_match(idx, b, w["idx"], w["b"])
-        a = up(capture.args[0])
-        a = a.reshape(n, -1, a.shape[-1])
-        return total + _gram_product(a, b, w["a"], w["b"])
-
-
-def _blocks(n_pairs_per_row: int, m: int) -> int:
-    return max(1, min(m, _MAX_BLOCK // max(1, n_pairs_per_row)))
-
-
-def _gram_product(a: Tensor, b: Tensor, a_q: Tensor, b_q: Tensor) -> Tensor:
-    """``out[i, (r, k)] = sum_{t,s} (a_it · a_q[r,s]) (b_it · b_q[r,k,s])``.
-
-    Args:
-        a: ``[n, T, d_in]``, b: ``[n, T, d_out]`` training captures.
-        a_q: ``[m, S, d_in]``, b_q: ``[m, K, S, d_out]`` query captures (each row its own).
-    """
-    n, t, d_in = a.shape
-    m, k, s, d_out = b_q.shape
-    a2, b2 = a.reshape(n * t, d_in), b.reshape(n * t, -1)
-    step = _blocks(n * t * k * s, m)
-    cols = []
-    for r0 in range(0, m, step):
-        aq, bq = a_q[r0:r0 + step], b_q[r0:r0 + step]
-        mr = aq.shape[0]
-        ga = (a2 @ aq.reshape(mr * s, d_in).T).view(n * t, mr, 1, s)
-        gb = (b2 @ bq.reshape(mr * k * s, d_out).T).view(n * t, mr, k, s)
-        cols.append((ga * gb).sum(-1).view(n, t, mr * k).sum(1))
-    return torch.cat(cols, dim=1)
-
-
-def _token_match(idx: Tensor, b: Tensor, idx_q: Tensor, b_q: Tensor) -> Tensor:
-    """``out[i, (r, k)] = sum_{t,s} [idx_it == idx_q[r,s]] (b_it · b_q[r,k,s])``."""
-    n, t = idx.shape
-    m, k, s, d = b_q.shape
-    i2, b2 = idx.reshape(n * t), b.reshape(n * t, d)
-    step = _blocks(n * t * k * s, m)
-    cols = []
-    for r0 in range(0, m, step):
-        iq, bq = idx_q[r0:r0 + step], b_q[r0:r0 + step]
-        mr = iq.shape[0]
-        match = (i2.view(-1, 1, 1) == iq.to(i2.device).view(1, mr, s)).to(b.dtype).view(n * t, mr, 1, s)
-        gb = (b2 @ bq.reshape(mr * k * s, d).T).view(n * t, mr, k, s)
-        cols.append((match * gb).sum(-1).view(n, t, mr * k).sum(1))
-    return torch.cat(cols, dim=1)
-
 
 # --------------------------------------------------------------------- planning
-def plan_query_path(path: str, modules: Mapping[str, tuple], *, estimator: str, validation, model: nn.Module,
+def plan_query_path(path: str, modules: Mapping[str, tuple], *, estimator: "Estimator | str", validation, model: nn.Module,
                     preconditioned: bool = False, train_positions: Mapping[str, int] | None = None) -> list[PlanRow]:
     """Decide which tracked layers take the ghost path.
 
@@ -376,7 +270,7 @@ def plan_query_path(path: str, modules: Mapping[str, tuple], *, estimator: str, 
             rows_out.append(PlanRow(name, rule.kind, "exact", reason="no ghost form"))
         elif any(owners[id(p)] > 1 for p in params.values()):
             rows_out.append(PlanRow(name, rule.kind, "exact", reason="parameter shared with another layer"))
-        elif estimator == "loo":
+        elif not Estimator.parse(estimator).has_ghost_form:
             rows_out.append(PlanRow(name, rule.kind, "exact", reason="loo Jacobian has no rank-1 form"))
         elif path == "exact":
             rows_out.append(PlanRow(name, rule.kind, "exact", reason="query_path='exact'"))
@@ -410,8 +304,6 @@ def plan_query_path(path: str, modules: Mapping[str, tuple], *, estimator: str, 
 
 def _probe_shapes(modules: Mapping[str, nn.Module], validation, model: nn.Module) -> dict:
     """Positions per query row of each layer (all calls), query rows and tokens per row."""
-    from inrun_shapley.engine.validation import eval_mode
-
     batch, rows = next(validation.chunks(0))
     seen: dict[str, int] = {name: 0 for name in modules}
 

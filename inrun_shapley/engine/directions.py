@@ -1,0 +1,183 @@
+"""From one optimizer step's terms and the validation gradient to the fixed direction ``M``.
+
+Every estimator scores a sample by ``<M, c_i>`` with ONE direction ``M`` per parameter per step
+(``[Q, *shape]`` per query with per-query values); this module holds, as pure functions of the
+step terms (:class:`~inrun_shapley.optim.StepTerms`) and validation gradients, how each estimator
+forms ``M`` (docs/math.md §2):
+
+* ``shapley`` (fixed-state Shapley): ``M = sign·lr·k · P ⊙ g_v``; second order
+  ``M = sign·lr·k · P ⊙ (g_v + H_v u)`` with ``u = d0 + ½ Σ_j δ_j`` (:func:`second_order_vector`);
+* ``loo`` (linearized leave-one-out of the real step): ``M = sign·lr · J ⊙ g_v``;
+* ``sgd`` (SGD-form baseline): ``M = sign·lr · g_v``.
+
+Sign: ``M`` points so that a positive ``<M, c_i>`` means sample i's presence lowered the
+validation loss; values are in units of validation loss (lr included).
+
+Adding an estimator is adding a member to :class:`Estimator`, one direction function in
+:data:`DIRECTION_FNS`, and saying where its validation gradient is taken
+(:attr:`Estimator.validation_point`).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from inrun_shapley.capture.registry import up
+from inrun_shapley.errors import ConfigurationError
+from inrun_shapley.optim.base import OptimizerAdapter, StepTerms
+
+__all__ = [
+    "DIRECTION_FNS",
+    "Estimator",
+    "direction",
+    "ghost_factors",
+    "loo_direction",
+    "sgd_direction",
+    "shapley_direction",
+    "second_order_vector",
+    "step_terms",
+]
+
+
+class Estimator(str, Enum):
+    """What a value estimates; compares equal to its string (``Estimator.SHAPLEY == "shapley"``)."""
+
+    SHAPLEY = "shapley"
+    LOO = "loo"
+    SGD = "sgd"
+
+    @classmethod
+    def parse(cls, value: "str | Estimator") -> "Estimator":
+        """The member for ``value``.
+
+        Raises:
+            ConfigurationError: an unknown name (the message lists the known ones).
+        """
+        try:
+            return cls(value)
+        except ValueError:
+            names = tuple(e.value for e in cls)
+            raise ConfigurationError(f"estimator must be one of {names}, got {value!r}") from None
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def validation_point(self) -> str:
+        """Where the validation gradient is taken: ``"theta_t"`` (before the step, in the step
+        pre-hook; every estimator today)."""
+        return "theta_t"
+
+    @property
+    def needs_loo_jacobian(self) -> bool:
+        """The adapter must return the real step's Jacobian (``StepTerms.loo_precond``)."""
+        return self is Estimator.LOO
+
+    @property
+    def needs_theta_before(self) -> bool:
+        """The parameters before the step are needed (L2 decay terms of the Jacobian)."""
+        return self is Estimator.LOO
+
+    @property
+    def has_ghost_form(self) -> bool:
+        """Its direction factorizes into the ghost products (the loo Jacobian can change sign)."""
+        return self is not Estimator.LOO
+
+
+def shapley_direction(terms: StepTerms, val_grad: Tensor, hvp: Tensor | None = None) -> Tensor:
+    """``sign·lr·k · P ⊙ (g_v [+ H_v u])``; ``val_grad``/``hvp`` ``[*shape]`` or ``[Q, *shape]``."""
+    g = val_grad if hvp is None else val_grad + hvp
+    scale = terms.sign * terms.lr * terms.coeff
+    # same operations and rounding as scale * (precond * g), one new buffer; never in place on
+    # precond (an adapter may hand back optimizer state)
+    return scale * g if terms.precond is None else torch.mul(terms.precond, g).mul_(scale)
+
+
+def loo_direction(terms: StepTerms, val_grad: Tensor, hvp: Tensor | None = None) -> Tensor:
+    """``sign·lr · J ⊙ g_v`` with ``J`` the real step's diagonal Jacobian (``k·P`` where the
+    adapter returns none)."""
+    if hvp is not None:
+        raise ConfigurationError("the loo estimator is first order only")
+    if terms.loo_precond is not None:
+        j = terms.loo_precond
+    elif terms.precond is not None:
+        j = terms.coeff * terms.precond
+    else:
+        j = torch.full_like(val_grad, terms.coeff)
+    return terms.sign * terms.lr * j * val_grad
+
+
+def sgd_direction(terms: StepTerms, val_grad: Tensor, hvp: Tensor | None = None) -> Tensor:
+    """``sign·lr · g_v``: the SGD-form baseline, whatever the optimizer."""
+    if hvp is not None:
+        raise ConfigurationError("the sgd estimator is first order only")
+    return terms.sign * terms.lr * val_grad
+
+
+DIRECTION_FNS: dict[Estimator, Callable[..., Tensor]] = {
+    Estimator.SHAPLEY: shapley_direction,
+    Estimator.LOO: loo_direction,
+    Estimator.SGD: sgd_direction,
+}
+
+
+def direction(estimator: Estimator, terms: StepTerms, val_grad: Tensor, hvp: Tensor | None = None) -> Tensor:
+    """The direction ``M`` of one parameter for ``estimator`` (see :data:`DIRECTION_FNS`)."""
+    return DIRECTION_FNS[estimator](terms, val_grad, hvp)
+
+
+def second_order_vector(terms: StepTerms, grad: Tensor) -> Tensor:
+    """``u = d0 + ½ Σ_j δ_j = d0 - ½·sign·lr·k · P ⊙ ḡ`` for one parameter (``ḡ`` = ``grad``, the
+    gradient the optimizer used; needs ``terms.drift``)."""
+    step_part = terms.sign * terms.lr * terms.coeff * (terms.precond * grad if terms.precond is not None else grad)
+    return terms.drift - 0.5 * step_part
+
+
+def ghost_factors(estimator: Estimator, terms: StepTerms) -> tuple[float, Tensor | None]:
+    """``(scale, P)`` the ghost forms fold into the query side: ``(sign·lr·k, P)`` for
+    ``shapley``, ``(sign·lr, None)`` for ``sgd``.
+
+    Raises:
+        ConfigurationError: the estimator has no ghost form.
+    """
+    if not estimator.has_ghost_form:
+        raise ConfigurationError(f"the ghost path has no form for the {estimator.value!r} estimator")
+    if estimator is Estimator.SHAPLEY:
+        return terms.sign * terms.lr * terms.coeff, terms.precond
+    return terms.sign * terms.lr, None
+
+
+def step_terms(adapter: OptimizerAdapter, optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
+               param_group: Sequence[int], before: Sequence[dict], theta_before: Sequence[Tensor] | None, *,
+               need_drift: bool, need_loo: bool) -> tuple[list[StepTerms | None], list[Tensor | None]]:
+    """Each parameter's step terms, read in the step post-hook.
+
+    Args:
+        adapter: the optimizer family's adapter.
+        optimizer: the innermost torch optimizer (state after the step).
+        params: the tracked parameters.
+        param_group: index of each parameter's param group.
+        before: what ``adapter.before_step`` returned for each parameter (may be empty).
+        theta_before: each parameter before the step, or None.
+        need_drift: compute ``d0`` (second order).
+        need_loo: compute the leave-one-out Jacobian.
+
+    Returns:
+        ``(terms, grads)``: per parameter its :class:`StepTerms` (None when it was not updated)
+        and the gradient the optimizer used in the compute dtype (None without gradient).
+    """
+    groups, state = optimizer.param_groups, optimizer.state
+    grads = [None if p.grad is None else up(p.grad.detach()) for p in params]
+    terms: list[StepTerms | None] = []
+    for i, p in enumerate(params):
+        if grads[i] is None or p not in state and adapter.name != "sgd":
+            terms.append(None)
+            continue
+        theta = up(theta_before[i]) if theta_before is not None else None
+        terms.append(adapter.terms(grads[i], groups[param_group[i]], state.get(p, {}), before[i] if before else {},
+                                   theta, need_drift=need_drift, need_loo=need_loo))
+    return terms, grads

@@ -1,0 +1,124 @@
+"""Which modules and parameters a tracker covers: one capture rule per module, checked up front."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Iterable, NamedTuple
+
+import torch
+from torch import nn
+
+from inrun_shapley.capture import JVP_RULE, CaptureRule, rule_for
+from inrun_shapley.errors import ConfigurationError, UnsupportedModuleError
+
+__all__ = ["ModuleReport", "TrackedModule", "TrackedParameters", "plan_modules", "plan_parameters"]
+
+
+@dataclass
+class ModuleReport:
+    """One row of :meth:`ShapleyTracker.report`: how a module with trainable parameters is handled."""
+
+    name: str
+    type: str
+    rule: str
+    parameters: list[str]
+    status: str  # "tracked", "excluded", or "unsupported: <reason>"
+
+
+class TrackedModule(NamedTuple):
+    """A tracked module, its capture rule and the trainable parameters the rule accounts for."""
+
+    module: nn.Module
+    rule: CaptureRule
+    params: dict[str, nn.Parameter]
+
+
+def _under(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name == o or name.startswith(o + ".") for o in prefixes)
+
+
+def plan_modules(model: nn.Module, exclude: Iterable[str], strict: bool,
+                 stacklevel: int = 3) -> tuple[dict[str, TrackedModule], list[ModuleReport]]:
+    """Pick a capture rule for every module with trainable parameters (MRO lookup, else the JVP rule).
+
+    Args:
+        model: the model.
+        exclude: module names (or name prefixes) left out of the values.
+        strict: raise on modules that cannot be tracked; else exclude them with one warning.
+        stacklevel: of that warning.
+
+    Returns:
+        ``({qualified name: TrackedModule}, one report row per module with trainable parameters)``.
+
+    Raises:
+        UnsupportedModuleError: a module cannot be tracked and ``strict`` (every such module is
+            listed with its reason), or nothing can be tracked.
+    """
+    exclude = tuple(exclude)
+    modules: dict[str, TrackedModule] = {}
+    reports: list[ModuleReport] = []
+    owned: set[str] = set()
+    problems = []
+    for name, module in model.named_modules():
+        if _under(name, owned):
+            continue
+        rule = rule_for(module) or JVP_RULE
+        params = rule.parameters(module)
+        if not params:
+            continue
+        row = lambda status: ModuleReport(name, type(module).__name__, rule.kind, list(params), status)  # noqa: E731
+        if _under(name, exclude):
+            reports.append(row("excluded"))
+            continue
+        reason = rule.check(module)
+        if reason:
+            problems.append((name, type(module).__name__, reason))
+            reports.append(row(f"unsupported: {reason}"))
+            continue
+        modules[name] = TrackedModule(module, rule, params)
+        reports.append(row("tracked"))
+        if rule.owns_children:
+            owned.add(name)
+    if problems:
+        lines = "\n".join(f"  - {n or '<root>'} ({t}): {r}" for n, t, r in problems)
+        if strict:
+            raise UnsupportedModuleError(
+                f"{len(problems)} module(s) cannot be tracked:\n{lines}\n"
+                "Fix them, or pass exclude=[names] (or strict=False) to leave their parameters out."
+            )
+        warnings.warn(f"inrun-shapley leaves these modules' parameters out of the values:\n{lines}", stacklevel=stacklevel)
+    if not modules:
+        raise UnsupportedModuleError("the model has no trainable parameters that can be tracked")
+    return modules, reports
+
+
+class TrackedParameters(NamedTuple):
+    """The parameters scored at each step: tracked by a module and updated by the optimizer."""
+
+    params: list[nn.Parameter]  # in module order, each once (tied weights included once)
+    param_group: list[int]  # index of each parameter's optimizer param group
+    untracked_optimized: list[str]  # names of optimized parameters no tracked module covers
+
+
+def plan_parameters(model: nn.Module, modules: dict[str, TrackedModule],
+                    optimizer: torch.optim.Optimizer) -> TrackedParameters:
+    """The tracked modules' parameters that ``optimizer`` updates.
+
+    Raises:
+        ConfigurationError: none of them is in the optimizer.
+    """
+    in_optimizer = {id(p): gi for gi, group in enumerate(optimizer.param_groups) for p in group["params"]}
+    params: list[nn.Parameter] = []
+    groups: list[int] = []
+    seen: set[int] = set()
+    for tracked in modules.values():
+        for p in tracked.params.values():
+            if id(p) not in seen and id(p) in in_optimizer:
+                seen.add(id(p))
+                params.append(p)
+                groups.append(in_optimizer[id(p)])
+    untracked = [n for n, p in model.named_parameters() if id(p) in in_optimizer and id(p) not in seen]
+    if not params:
+        raise ConfigurationError("none of the model's tracked parameters is in the optimizer")
+    return TrackedParameters(params, groups, untracked)
