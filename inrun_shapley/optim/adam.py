@@ -265,6 +265,16 @@ def snapshot_state(group: dict, state: dict) -> dict:
     return out
 
 
+def preconditioner(group: dict, state: dict, eps: float | None = None) -> Tensor:
+    """Adam's fixed-state preconditioner ``P = 1/(sqrt(v_used/(1-β2^t)) + eps)`` from the state after
+    a step (``v_used`` = ``max_exp_avg_sq`` with amsgrad, else ``exp_avg_sq``), detached, in the
+    state's dtype; ``eps`` overrides the group's. Units 1/gradient."""
+    h = hyper(group)
+    v_used = state[MAX_EXP_AVG_SQ] if h.amsgrad else state[EXP_AVG_SQ]
+    bc2 = 1.0 - h.beta2 ** as_float(state[STEP])
+    return ((v_used.detach() / bc2).sqrt_() + (h.eps if eps is None else eps)).reciprocal_()
+
+
 @register_adapter(torch.optim.Adam, torch.optim.AdamW)
 class AdamAdapter:
     name = "adam"

@@ -121,3 +121,11 @@ def test_state_after_step_equals_torch_state(name):
                 torch.testing.assert_close(got[key], r["state_after"][key], rtol=1e-12, atol=1e-15)
             else:
                 assert key not in got
+
+
+@pytest.mark.parametrize("name", ["adam", "amsgrad", "adamw_fused"])
+def test_preconditioner_is_the_tracker_p(name):
+    for r in records(name, torch.float64):
+        terms = adam.AdamAdapter().terms(r["g"], r["group"], r["state_after"], {}, r["theta"],
+                                         need_drift=False, need_loo=False)
+        torch.testing.assert_close(adam.preconditioner(r["group"], r["state_after"]), terms.precond, rtol=1e-14, atol=0)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from inrun_shapley.errors import ConfigurationError, UnsupportedOptimizerError
+from inrun_shapley.optim import adam
 from inrun_shapley.posthoc.weighting.groups import listing
 
 
@@ -40,17 +41,12 @@ def adam_preconditioner(
         if not state:
             missing.append(name)
             continue
-        if "exp_avg_sq" not in state:
+        if adam.EXP_AVG_SQ not in state:
             raise UnsupportedOptimizerError(
-                f"{type(optimizer).__name__} keeps no 'exp_avg_sq'; adam_preconditioner needs "
+                f"{type(optimizer).__name__} keeps no '{adam.EXP_AVG_SQ}'; adam_preconditioner needs "
                 "Adam/AdamW state. Pass your own {name: P} dict instead."
             )
-        pg = group_of[id(p)]
-        v = state["max_exp_avg_sq"] if pg.get("amsgrad", False) else state["exp_avg_sq"]
-        step = float(state["step"])
-        beta2 = pg["betas"][1]
-        e = pg["eps"] if eps is None else eps
-        out[name] = 1.0 / ((v.detach() / (1.0 - beta2**step)).sqrt() + e)
+        out[name] = adam.preconditioner(group_of[id(p)], state, eps)
     if missing:
         raise ConfigurationError(
             f"no optimizer state for {listing(missing)}; take at least one optimizer step "
