@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import os
 import shutil
 import warnings
 import weakref
@@ -256,13 +255,15 @@ class Attached:
 
     def close(self) -> None:
         """Flush and close the log and the recording, remove the tracker's hooks (idempotent)."""
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-        if self.recorder is not None:
-            self.recorder.close()
-            self.recorder = None
-        self.tracker.detach()
+        try:
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
+            if self.recorder is not None:
+                self.recorder.close()
+                self.recorder = None
+        finally:
+            self.tracker.detach()
 
     def close_when_collected(self, owner: object) -> weakref.finalize:
         """Close (so flush) when ``owner`` is garbage-collected or at interpreter exit, whichever
