@@ -3,10 +3,10 @@ and the peers, with time, memory and recording size.
 
 Run::
 
-    python benchmarks/adjoint_lds.py                 # harness default: 1000 train, 100 queries,
+    python -m benchmarks.adjoint_lds                 # harness default: 1000 train, 100 queries,
                                                      # M=50 retrained models, AdamW, 300 steps
-    python benchmarks/adjoint_lds.py --quick         # smoke run (tiny setup, seconds)
-    python benchmarks/adjoint_lds.py --no-peers      # skip kronfluence / TracIn
+    python -m benchmarks.adjoint_lds --quick         # smoke run (tiny setup, seconds)
+    python -m benchmarks.adjoint_lds --no-peers      # skip kronfluence / TracIn
 
 One full-data training run (the harness's ``train_full``, bitwise the cached run) carries a
 :class:`~inrun_shapley.ShapleyTracker` with ``per_query=True`` (validation rows = the queries,
@@ -34,15 +34,11 @@ import time
 import numpy as np
 import torch
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import lds_harness  # noqa: E402
-import quality  # noqa: E402
-
-from inrun_shapley import ShapleyTracker  # noqa: E402
-from inrun_shapley.posthoc.adjoint import adjoint_influence  # noqa: E402
-from inrun_shapley.trajectory import Recording, TrajectoryRecorder  # noqa: E402
+from benchmarks import lds_harness, quality
+from benchmarks.common import cli
+from inrun_shapley import ShapleyTracker
+from inrun_shapley.posthoc.adjoint import adjoint_influence
+from inrun_shapley.trajectory import Recording, TrajectoryRecorder
 
 
 def neg_margin(model, batch):
@@ -77,12 +73,12 @@ class Recorded(lds_harness.TrainCallback):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true")
+    cli.add_quick(p)
     p.add_argument("--no-peers", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+    cli.add_seed(p)
+    cli.add_threads(p)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    cli.set_threads(args.threads)
     setup = lds_harness.build_setup(lds_harness.DEFAULT_CACHE, seed=args.seed, quick=args.quick)
     root = pathlib.Path(tempfile.mkdtemp(prefix="adjoint_lds_"))
     rows: list[quality.Row] = []
@@ -125,7 +121,7 @@ def main(argv=None) -> None:
         "adjoint loo J, auto, last 100 steps": adjoint("last100", recs[1], last_steps=100),
     }
     if not args.no_peers:
-        import peers
+        from benchmarks import peers
 
         methods["grad dot (last ckpt)"] = peers.grad_dot
         methods["TracIn (20 ckpts)"] = peers.tracin_checkpoints

@@ -6,48 +6,44 @@ sampler setting below, twice (two seeds). Prints, per setting: wall time of one 
 ``bayesian_influence`` call), diagnostics (split-R̂, ESS, drift), the seed-to-seed rank stability
 (mean per-query Spearman between the two seeds), and the mean per-query Spearman against the
 exact damped influence function ``−∇φᵀ(nβH + γI)⁻¹∇ℓ_i`` (Hessian by ``torch.func``; what the BIF
-approaches at large γ). If ``benchmarks/lds_harness.py`` is present, LDS is reported too.
+approaches at large γ).
 
 Observable: the query's cross-entropy loss (``--observable loss``, default) or its margin
 (correct logit minus the largest other logit, ``--observable margin``).
 
 Run::
 
-    python benchmarks/bif_digits.py                   # both settings, ~1-2 min on one CPU core
-    python benchmarks/bif_digits.py --quick           # fewer draws
+    python -m benchmarks.bif_digits                   # both settings, ~1-2 min on one CPU core
+    python -m benchmarks.bif_digits --quick           # fewer draws
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
-import pathlib
 import time
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from inrun_shapley.posthoc.bif import BIFConfig, bayesian_influence, rank_stability
+from benchmarks.common import cli
+from benchmarks.common.data import load_digits_splits
+from benchmarks.common.models import mlp
 from inrun_shapley.metrics import spearman
-
-HERE = pathlib.Path(__file__).resolve().parent
+from inrun_shapley.posthoc.bif import BIFConfig, bayesian_influence, rank_stability
 
 
 def make_data(seed: int = 0, n_train: int = 1000, n_queries: int = 100):
-    images, labels = load_digits(return_X_y=True)
-    perm = np.random.default_rng(seed).permutation(len(images))
-    x = torch.tensor(images / 16.0, dtype=torch.float32)[perm]
-    y = torch.tensor(labels, dtype=torch.long)[perm]
-    return (x[:n_train], y[:n_train]), (x[n_train : n_train + n_queries], y[n_train : n_train + n_queries])
+    """``((x_train, y_train), (x_query, y_query))``: digits shuffled with ``seed``, intensities / 16."""
+    train, queries = load_digits_splits((n_train, n_queries), seed, scale="unit")
+    return train, queries
 
 
 def make_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+    """The 64-32-10 tanh MLP, initialized from ``seed``."""
+    return mlp((32,), activation="tanh", seed=seed)
 
 
 def loss_fn(model: nn.Module, batch) -> torch.Tensor:
@@ -104,14 +100,15 @@ def mean_spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(np.nanmean([spearman(a[:, q], b[:, q]) for q in range(a.shape[1])]))
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer draws (smoke run)")
+    cli.add_quick(parser, help="fewer draws (smoke run)")
     parser.add_argument("--observable", choices=["loss", "margin"], default="loss")
-    parser.add_argument("--seeds", type=int, nargs=2, default=[0, 1])
+    cli.add_seeds(parser, [0, 1], nargs=2)
     parser.add_argument("--no-exact", action="store_true", help="skip the exact damped IF reference")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    cli.add_threads(parser)
+    args = parser.parse_args(argv)
+    cli.set_threads(args.threads)
 
     train_set, queries = make_data()
     model = make_model()
@@ -133,15 +130,6 @@ def main() -> None:
         "large gamma (eps=2e-4, nbeta=50, gamma=1e3, 4x500, thin 2)": BIFConfig(
             step_size=2e-4, n_beta=50.0, gamma=1e3, draws=500 // scale, thin=2),
     }
-    lds = None
-    if (HERE / "lds_harness.py").exists():
-        spec = importlib.util.spec_from_file_location("lds_harness", HERE / "lds_harness.py")
-        lds = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(lds)
-        print("benchmarks/lds_harness.py found; see its docs for the LDS protocol.")
-    else:
-        print("benchmarks/lds_harness.py not present: LDS not reported.")
-
     for name, base in settings.items():
         runs = []
         for seed in args.seeds:

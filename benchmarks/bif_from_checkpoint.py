@@ -12,7 +12,7 @@ Two ways to get w* out of a ``.ckpt`` file, then one call to
 Run this file for a self-contained demo (trains a tiny digits classifier for one epoch, saves a
 checkpoint in a temporary folder, reloads it and prints the BIF summary)::
 
-    python benchmarks/bif_from_checkpoint.py
+    python -m benchmarks.bif_from_checkpoint
 """
 
 from __future__ import annotations
@@ -78,8 +78,10 @@ def load_weights(model: nn.Module, checkpoint_path: str | Path, prefix: str = ""
 
 def _demo() -> None:
     import lightning as L
-    from sklearn.datasets import load_digits
     from torch.utils.data import DataLoader, TensorDataset
+
+    from benchmarks.common.data import load_digits_splits
+    from benchmarks.common.models import mlp
 
     torch.set_num_threads(1)
 
@@ -87,7 +89,7 @@ def _demo() -> None:
         def __init__(self, hidden: int = 32, lr: float = 1e-2) -> None:
             super().__init__()
             self.save_hyperparameters()
-            self.model = nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10))
+            self.model = mlp((hidden,), activation="tanh")
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.model(x)
@@ -102,8 +104,7 @@ def _demo() -> None:
         x, y = batch
         return nn.functional.cross_entropy(module(x), y, reduction="none")
 
-    images, labels = load_digits(return_X_y=True)
-    x, y = torch.tensor(images / 16.0, dtype=torch.float32), torch.tensor(labels)
+    [(x, y)] = load_digits_splits((None,), None, scale="unit")  # scikit-learn's order, intensities / 16
     train_set = TensorDataset(x[:1000], y[:1000])
     torch.manual_seed(0)
     module = DigitsClassifier()
@@ -119,7 +120,7 @@ def _demo() -> None:
             train_samples=(x[:200], y[:200]), queries=(x[1000:1010], y[1000:1010]),
             config=BIFConfig(step_size=2e-4, n_beta=50.0, gamma=1e3, draws=200), progress=False,
         )
-        plain = load_weights(nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)), path, "model.")
+        plain = load_weights(mlp((32,), activation="tanh"), path, "model.")
         assert torch.equal(plain[0].weight, module.model[0].weight)
     print(result.summary())
     top = result.bif[:, 0].argsort()[:5].tolist()

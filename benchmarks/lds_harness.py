@@ -36,7 +36,7 @@ optimizer, ids, loss)`` and ``on_train_end(model, optimizer)``. Or write the loo
 ``setup.recipe.make_model()``, ``setup.recipe.make_optimizer(params)`` and
 ``setup.recipe.batches(setup.train_ids)``: see :func:`train`.
 
-Run ``python benchmarks/lds_harness.py [--quick]`` to build the cache and print a summary.
+Run ``python -m benchmarks.lds_harness [--quick]`` to build the cache and print a summary.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from benchmarks.common import cli, data, models
 from inrun_shapley.metrics import linear_datamodeling_score, roc_auc, spearman
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -94,18 +95,12 @@ class Recipe:
     n_checkpoints: int = 20
 
     def make_model(self, seed: int | None = None) -> nn.Module:
-        """A freshly initialized model (seeded by ``init_seed`` unless ``seed`` is given)."""
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(self.init_seed if seed is None else seed)
-        try:
-            if self.model == "logreg":
-                return nn.Sequential(nn.Linear(64, 10))
-            if self.model == "mlp":
-                act = {"tanh": nn.Tanh, "relu": nn.ReLU}[self.activation]
-                return nn.Sequential(nn.Linear(64, self.hidden), act(), nn.Linear(self.hidden, 10))
+        """A freshly initialized model (seeded by ``init_seed`` unless ``seed`` is given); the
+        global torch generator is left as it was."""
+        if self.model not in ("mlp", "logreg"):
             raise ValueError(f"unknown model {self.model!r}: use 'mlp' or 'logreg'")
-        finally:
-            torch.random.set_rng_state(gen_state)
+        hidden = (self.hidden,) if self.model == "mlp" else ()
+        return models.mlp(hidden, activation=self.activation, seed=self.init_seed if seed is None else seed)
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
         """``AdamW(params, lr, betas, weight_decay)``."""
@@ -251,31 +246,18 @@ def query_outputs(model: nn.Module, x: Tensor, y: Tensor) -> tuple[np.ndarray, n
 
 # --------------------------------------------------------------------------- data
 def load_data(seed: int, n_train: int, n_queries: int):
-    from sklearn.datasets import load_digits
-
-    images, labels = load_digits(return_X_y=True)
-    if n_train + n_queries > len(images):
-        raise ValueError(f"n_train + n_queries = {n_train + n_queries} > {len(images)} digits")
-    perm = np.random.default_rng(seed).permutation(len(images))
-    x, y = images[perm].astype(np.float64), labels[perm].astype(np.int64)
-    mu, sd = x[:n_train].mean(0), x[:n_train].std(0)
-    sd[sd == 0] = 1.0
-    x = (x - mu) / sd
-    xt = torch.tensor(x, dtype=torch.float32)
-    yt = torch.tensor(y)
-    return xt[:n_train], yt[:n_train], xt[n_train : n_train + n_queries], yt[n_train : n_train + n_queries]
+    """``(x_train, y_train, x_query, y_query)``: the digits shuffled with ``seed``, standardized
+    with the training rows' statistics in float64 (:func:`benchmarks.common.data.load_digits_splits`)."""
+    if n_train + n_queries > data.N_DIGITS:
+        raise ValueError(f"n_train + n_queries = {n_train + n_queries} > {data.N_DIGITS} digits")
+    (x_tr, y_tr), (x_q, y_q) = data.load_digits_splits((n_train, n_queries), seed, scale="standardize_f64")
+    return x_tr, y_tr, x_q, y_q
 
 
 def flip_labels(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, np.ndarray]:
-    """Moves ``round(fraction·n)`` seeded labels to a uniformly drawn *other* class."""
-    rng = np.random.default_rng(seed + 7919)
-    n = len(y)
-    flipped = np.zeros(n, dtype=bool)
-    flipped[rng.choice(n, size=int(round(fraction * n)), replace=False)] = True
-    y_new = y.clone()
-    shift = torch.tensor(rng.integers(1, 10, size=int(flipped.sum())))
-    y_new[torch.from_numpy(flipped)] = (y[torch.from_numpy(flipped)] + shift) % 10
-    return y_new, flipped
+    """Moves ``round(fraction·n)`` seeded labels to a uniformly drawn *other* class
+    (:func:`benchmarks.common.data.flip_labels` with the generator ``default_rng(seed + 7919)``)."""
+    return data.flip_labels(y, fraction, seed + 7919)
 
 
 # --------------------------------------------------------------------------- setup
@@ -515,16 +497,17 @@ def _load(path: pathlib.Path, config: dict) -> LDSSetup:
     )
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Build (or load) the LDS setup and print a summary.")
-    p.add_argument("--quick", action="store_true")
+    cli.add_quick(p)
     p.add_argument("--model", default="mlp", choices=["mlp", "logreg"])
     p.add_argument("--n-models", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
+    cli.add_seed(p)
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
     p.add_argument("--rebuild", action="store_true")
-    args = p.parse_args()
-    torch.set_num_threads(1)
+    cli.add_threads(p)
+    args = p.parse_args(argv)
+    cli.set_threads(args.threads)
     t0 = time.perf_counter()
     s = build_setup(args.cache_dir, n_models=args.n_models, seed=args.seed, model=args.model,
                     quick=args.quick, rebuild=args.rebuild, verbose=True)

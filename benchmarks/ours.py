@@ -53,8 +53,8 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-import lds_harness
-from lds_harness import LDSSetup, margins
+from benchmarks import lds_harness
+from benchmarks.lds_harness import LDSSetup, margins
 
 QUICK = False  # set by quality.py --quick: tiny BIF sampling
 N_FIT = 100  # separate fitting queries for the learned group weights

@@ -3,9 +3,10 @@
 Two models, both trained with AdamW on synthetic data (no download):
 
 * ``mlp``: 784-512-256-10 ReLU MLP, batch 128 (MNIST-sized random inputs);
-* ``transformer``: a 2-block causal language model, d_model 128, 4 heads, seq len 64, vocab 100,
-  batch 32. Attention is written with ``nn.Linear`` projections (no ``nn.MultiheadAttention``),
-  so every parameterized layer (Embedding, Linear, LayerNorm) has a dedicated capture rule.
+* ``transformer``: a 2-block causal language model (``TinyTransformerLM`` of
+  :mod:`benchmarks.common.models`), d_model 128, 4 heads, seq len 64, vocab 100, batch 32.
+  Attention is written with ``nn.Linear`` projections (no ``nn.MultiheadAttention``), so every
+  parameterized layer (Embedding, Linear, LayerNorm) has a dedicated capture rule.
 
 Variants, all timed in ONE process, interleaved step by step (the order rotates every step) so
 that drift of a shared machine cancels; each number is the median over the measured steps:
@@ -32,9 +33,9 @@ rest reads as ~0). Reported: the process's peak RSS, and the step's working memo
 ``Δpeak = peak − RSS at rest`` (model, optimizer state and the torch runtime excluded), each as a
 ratio to plain. On CUDA: ``torch.cuda.max_memory_allocated`` (peak and peak − allocated at rest).
 
-Run:  python benchmarks/overhead.py                 # full sizes, CPU
-      python benchmarks/overhead.py --quick         # tiny sizes, a few steps (smoke test)
-      python benchmarks/overhead.py --device cuda   # exits 0 with a message if no CUDA device
+Run:  python -m benchmarks.overhead                 # full sizes, CPU
+      python -m benchmarks.overhead --quick         # tiny sizes, a few steps (smoke test)
+      python -m benchmarks.overhead --device cuda   # exits 0 with a message if no CUDA device
 Options: --models mlp transformer, --steps N, --warmup N, --no-memory, --threads N (CPU default 1:
 on a machine whose cores are shared, multi-threaded kernels stall and the timings mean nothing;
 --threads 0 keeps torch's default).
@@ -43,11 +44,9 @@ on a machine whose cores are shared, multi-threaded kernels stall and the timing
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -57,81 +56,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from benchmarks.common import cli
+from benchmarks.common.models import TinyTransformerLM, mlp
 from inrun_shapley import ShapleyTracker, ValidationObjective
 from inrun_shapley.optim import adapter_for
 
 TARGETS = {"machinery": 0.4, "total_1/8": 1.5, "memory": 1.3}
 VAL_SET = 256
-
-
-# ------------------------------------------------------------------ models
-class MLP(nn.Module):
-    def __init__(self, d_in: int, hidden: tuple[int, ...], n_out: int):
-        super().__init__()
-        dims = (d_in, *hidden)
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        self.head = nn.Linear(dims[-1], n_out)
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = layer(x).relu()
-        return self.head(x)
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention from two ``nn.Linear`` (qkv and output projection)."""
-
-    def __init__(self, d: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-
-    def forward(self, x):
-        n, t, d = x.shape
-        h = self.heads
-        q, k, v = self.qkv(x).view(n, t, 3, h, d // h).permute(2, 0, 3, 1, 4)  # each [n, h, t, dh]
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(d // h)
-        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
-        att = att.masked_fill(mask, float("-inf")).softmax(-1)
-        y = (att @ v).transpose(1, 2).reshape(n, t, d)
-        return self.proj(y)
-
-
-class Block(nn.Module):
-    def __init__(self, d: int, heads: int):
-        super().__init__()
-        self.ln1 = nn.LayerNorm(d)
-        self.attn = CausalSelfAttention(d, heads)
-        self.ln2 = nn.LayerNorm(d)
-        self.fc = nn.Linear(d, 4 * d)
-        self.out = nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln1(x))
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
-
-
-class TinyLM(nn.Module):
-    def __init__(self, vocab: int, d: int, heads: int, blocks: int, seq: int):
-        super().__init__()
-        self.tok = nn.Embedding(vocab, d)
-        self.pos = nn.Embedding(seq, d)
-        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(blocks))
-        self.ln_f = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab)
-
-    def forward(self, idx):
-        n, t = idx.shape
-        # positions expanded to [n, t] so that the sample dimension comes first (tracker contract)
-        pos = torch.arange(t, device=idx.device).expand(n, t)
-        x = self.tok(idx) + self.pos(pos)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln_f(x))
 
 
 # ------------------------------------------------------------- workloads
@@ -174,7 +107,7 @@ def make_workload(name: str, quick: bool, n_batches: int, device) -> Workload:
 
         def make_model():
             torch.manual_seed(0)
-            return MLP(d_in, hidden, n_out)
+            return mlp(hidden, d_in=d_in, n_out=n_out, activation="relu")
 
     elif name == "transformer":
         vocab, d, heads, blocks, seq, bs = (50, 32, 2, 1, 16, 16) if quick else (100, 128, 4, 2, 64, 32)
@@ -184,7 +117,7 @@ def make_workload(name: str, quick: bool, n_batches: int, device) -> Workload:
 
         def make_model():
             torch.manual_seed(0)
-            return TinyLM(vocab, d, heads, blocks, seq)
+            return TinyTransformerLM(vocab, seq, d, heads, blocks)
 
     else:
         raise SystemExit(f"unknown model {name!r} (mlp, transformer)")
@@ -419,7 +352,7 @@ def memory_child(models: list[str], variants: list[str], quick: bool, warmup: in
 
 
 def _start_memory_job(models, variants, args) -> subprocess.Popen:
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", ",".join(models), ",".join(variants),
+    cmd = [sys.executable, "-m", "benchmarks.overhead", "--memory-child", ",".join(models), ",".join(variants),
            "--device", args.device, "--warmup", str(args.warmup), "--steps", str(args.mem_steps)]
     if args.quick:
         cmd.append("--quick")
@@ -430,14 +363,14 @@ def _start_memory_job(models, variants, args) -> subprocess.Popen:
     # the resident set follows the live tensors (with the default dynamic threshold, freed
     # tensors stay cached in the heap and the step's peak above rest reads as ~0).
     env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=_repo_root())
 
 
 def _collect_memory_jobs(procs, results: dict) -> dict:
     for proc in procs:
         out, err = proc.communicate()
         if proc.returncode != 0:
-            raise RuntimeError(f"memory subprocess {proc.args[3:5]} failed:\n{err}")
+            raise RuntimeError(f"memory subprocess {proc.args[4:6]} failed:\n{err}")
         for key, r in json.loads(out.strip().splitlines()[-1]).items():
             results[tuple(key.split(":"))] = r
     return results
@@ -533,11 +466,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["mlp", "transformer"], choices=["mlp", "transformer"])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes and a few steps (smoke test)")
+    cli.add_quick(ap, help="tiny sizes and a few steps (smoke test)")
     ap.add_argument("--steps", type=int, default=None, help="measured steps per variant")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--mem-steps", type=int, default=None, help="measured steps in each memory subprocess")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU (default 1: stable ratios on a shared machine; 0 = torch's default)")
+    cli.add_threads(ap, default=None)  # None: 1 on CPU (stable ratios on a shared machine), torch's default on CUDA
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--memory-child", nargs=2, metavar=("MODELS", "VARIANTS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -546,8 +479,7 @@ def main(argv=None) -> int:
     args.mem_steps = args.mem_steps or (2 if args.quick else 5)
     if args.threads is None and args.device == "cpu":
         args.threads = 1  # intra-op threads stall badly when the cores are shared; see --threads
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cli.set_threads(args.threads)
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -559,8 +491,7 @@ def main(argv=None) -> int:
         print(json.dumps(memory_child(models.split(","), variants.split(","), args.quick, args.warmup, args.mem_steps, device)))
         return 0
 
-    cmd = "python benchmarks/overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"command: {cmd.strip()}")
+    print(f"command: {cli.command_line('overhead', argv)}")
     print(f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", torch threads: {torch.get_num_threads()}"))
     variants = ["plain", "tracker_1/8", "tracker_eq", "func"]

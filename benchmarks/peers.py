@@ -36,7 +36,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lds_harness import LDSSetup, margins
+from benchmarks.lds_harness import LDSSetup, margins
 
 IF_DAMPING_FACTOR = 0.1  # λ = factor × mean eigenvalue (kronfluence's heuristic)
 

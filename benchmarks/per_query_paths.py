@@ -20,8 +20,8 @@ with a per-query :class:`ShapleyTracker` and reports:
 
 The crossover printed is, per T, the smallest Q from which ghost is faster than exact.
 
-Run:  python benchmarks/per_query_paths.py            # T ∈ {8, 32, 128}, Q ∈ {4, 16, 64, 256}
-      python benchmarks/per_query_paths.py --quick    # T ∈ {8, 64}, Q ∈ {4, 32}
+Run:  python -m benchmarks.per_query_paths            # T ∈ {8, 32, 128}, Q ∈ {4, 16, 64, 256}
+      python -m benchmarks.per_query_paths --quick    # T ∈ {8, 64}, Q ∈ {4, 32}
 Options: --steps N, --threads N, --lengths ..., --queries ...
 """
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import statistics
 import subprocess
 import sys
@@ -39,7 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.common import cli
+
 VOCAB, D, HIDDEN, BATCH = 1000, 64, 256, 16
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]  # the workers run ``-m benchmarks.per_query_paths`` from here
 
 
 class SeqModel(nn.Module):
@@ -114,12 +118,12 @@ def run_one(path: str, length: int, queries: int, steps: int, warmup: int, threa
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
+    cli.add_quick(ap)
     ap.add_argument("--lengths", type=int, nargs="+", default=[8, 32, 128])
     ap.add_argument("--queries", type=int, nargs="+", default=[4, 16, 64, 256])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
+    cli.add_threads(ap)
     ap.add_argument("--norm", action="store_true", help="add a LayerNorm (exact fallback) before the head")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -129,7 +133,7 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.lengths, args.queries, args.steps, args.warmup = [8, 64], [4, 32], 3, 1
-    print("command: python benchmarks/per_query_paths.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    print("command: " + cli.command_line("per_query_paths", argv))
     print(f"model: Embedding({VOCAB}, {D}) + Linear({D},{HIDDEN}) + Linear({HIDDEN},{D}) + "
           f"{'LayerNorm (exact fallback) + ' if args.norm else ''}"
           f"Linear({D},{VOCAB}); SGD; train batch {BATCH}; {args.threads} thread(s); median of {args.steps} steps")
@@ -140,9 +144,9 @@ def main(argv=None) -> int:
             res = {}
             for path in ("exact", "ghost", "auto"):
                 out = subprocess.run(
-                    [sys.executable, __file__, "--worker", f"{path},{length},{q}", "--steps", str(args.steps),
+                    [sys.executable, "-m", "benchmarks.per_query_paths", "--worker", f"{path},{length},{q}", "--steps", str(args.steps),
                      "--warmup", str(args.warmup), "--threads", str(args.threads)] + (["--norm"] if args.norm else []),
-                    capture_output=True, text=True, env=env,
+                    capture_output=True, text=True, env=env, cwd=REPO_ROOT,
                 )
                 if out.returncode != 0:
                     print(out.stderr[-2000:], file=sys.stderr)

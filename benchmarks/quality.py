@@ -2,10 +2,10 @@
 
 Run::
 
-    python benchmarks/quality.py                  # full setup (M=50 retrained models), minutes
-    python benchmarks/quality.py --quick          # smoke run (M=8, tiny MLP), seconds
-    python benchmarks/quality.py --only grad_dot,exact_if --out benchmarks/RESULTS_quality.md
-    python benchmarks/quality.py --only inrun     # our in-run / adjoint / BIF / learned-weights rows
+    python -m benchmarks.quality                  # full setup (M=50 retrained models), minutes
+    python -m benchmarks.quality --quick          # smoke run (M=8, tiny MLP), seconds
+    python -m benchmarks.quality --only grad_dot,exact_if --out benchmarks/RESULTS_quality.md
+    python -m benchmarks.quality --only inrun     # our in-run / adjoint / BIF / learned-weights rows
 
 Per method: LDS on the margin (mean ± std over the queries) on the clean setup, flipped-label
 detection AUC on the noisy setup (20 % flipped; per-sample value ``sum_q scores[i, q]``, low =
@@ -43,12 +43,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import lds_harness  # noqa: E402
-import ours  # noqa: E402
-import peers  # noqa: E402
+from benchmarks import lds_harness, ours, peers
+from benchmarks.common import cli
 
 # name -> fn(setup) -> scores [n_train, Q] (positive = including i raises query q's margin)
 METHODS: dict[str, Callable] = {
@@ -166,15 +162,15 @@ def machine() -> str:
 
 def main(argv=None) -> list[Row]:
     p = argparse.ArgumentParser(description="LDS / flipped-label AUC of every registered method.")
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny setup")
-    p.add_argument("--out", default=None, help="markdown file for the table (default: print only)")
+    cli.add_quick(p, help="smoke run: tiny setup")
+    cli.add_out(p, help="markdown file for the table (default: print only)")
     p.add_argument("--only", default=None, help="comma-separated method names (or 'ours', or 'inrun')")
     p.add_argument("--cache-dir", default=str(lds_harness.DEFAULT_CACHE))
-    p.add_argument("--seed", type=int, default=0)
+    cli.add_seed(p)
     p.add_argument("--no-auc", action="store_true", help="skip the noisy setup")
-    p.add_argument("--threads", type=int, default=1)
+    cli.add_threads(p)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    cli.set_threads(args.threads)
     ours.QUICK = args.quick  # tiny BIF sampling in the smoke run
     ours.NOTES.clear()
 
@@ -201,7 +197,7 @@ def main(argv=None) -> list[Row]:
     notes = [f"- {k}: {v}" for k, v in ours.NOTES.items()]
     if notes:
         out += "\n\n" + "\n".join(notes)
-    cmd = "python " + " ".join([os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv)))
+    cmd = cli.command_line("quality", argv)
     header = (f"LDS setup: {setup.n_train} train / {setup.n_queries} queries, {len(setup.subsets)} models on "
               f"alpha=0.5 subsets, recipe {setup.recipe}; setup built/loaded in {t_setup:.1f} s "
               f"(cache {setup.path}); flip AUC on a 20%-flipped copy.")

@@ -13,8 +13,8 @@ paraphrased source sentence is recorded: mean rank, recall@1, recall@10. Lexical
 score the same pairs without any model: Jaccard overlap of the word sets and TF-IDF cosine.
 Also printed: the query path each tracked layer took (``query_path="auto"``).
 
-Run:  python benchmarks/text_source_id.py            # full (≈ a few minutes on 1 thread)
-      python benchmarks/text_source_id.py --quick    # smoke test
+Run:  python -m benchmarks.text_source_id            # full (≈ a few minutes on 1 thread)
+      python -m benchmarks.text_source_id --quick    # smoke test
 Options: --sentences N, --queries N, --epochs N, --batch N, --seed N, --threads N,
          --query-path auto|exact|ghost.
 """
@@ -29,61 +29,11 @@ from collections import Counter
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from inrun_shapley import ShapleyTracker
+from benchmarks.common import cli
+from benchmarks.common.models import TinyTransformerLM, lm_losses
 from benchmarks.common.textdata import QUERY_KINDS, make_corpus
-
-
-class Block(nn.Module):
-    """Pre-norm causal self-attention (projections as nn.Linear) and an MLP."""
-
-    def __init__(self, d: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x, pad_mask):
-        b, t, d = x.shape
-        h = self.ln1(x)
-        split = lambda y: y.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
-        q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
-        att = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)
-        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-        att = att.masked_fill(~causal, float("-inf")).softmax(-1)
-        y = (att @ v).transpose(1, 2).reshape(b, t, d)
-        x = x + self.o(y)
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
-
-
-class TinyTransformerLM(nn.Module):
-    def __init__(self, vocab: int, max_len: int, d: int = 32, heads: int = 2, layers: int = 2):
-        super().__init__()
-        self.tok = nn.Embedding(vocab, d, padding_idx=0)
-        self.pos = nn.Embedding(max_len, d)
-        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab)
-
-    def forward(self, x):
-        b, t = x.shape
-        positions = torch.arange(t, device=x.device).expand(b, t)  # per-sample rows for the tracker
-        h = self.tok(x) + self.pos(positions)
-        for block in self.blocks:
-            h = block(h, x == 0)
-        return self.head(self.ln_f(h))
-
-
-def lm_losses(model, seqs):
-    """Per-row LM loss: mean next-token cross-entropy over the row's non-pad targets, ``[m]``."""
-    logits = model(seqs[:, :-1])
-    target = seqs[:, 1:]
-    tok = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=0, reduction="none")
-    mask = (target != 0).to(tok.dtype)
-    return (tok * mask).sum(1) / mask.sum(1)
+from inrun_shapley import ShapleyTracker
 
 
 def jaccard(a: str, b: str) -> float:
@@ -128,14 +78,14 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch", type=int, default=20)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
+    cli.add_seed(ap)
+    cli.add_threads(ap)
     ap.add_argument("--query-path", default="auto", choices=["auto", "exact", "ghost"])
-    ap.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
+    cli.add_quick(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.sentences, args.queries, args.epochs = 60, 12, 3
-    torch.set_num_threads(args.threads)
+    cli.set_threads(args.threads)
     torch.manual_seed(args.seed)
 
     corpus = make_corpus(args.sentences, args.queries, seed=args.seed)
@@ -143,7 +93,7 @@ def main(argv=None) -> int:
     length = max(len(tok.encode(s)) for s in corpus.sentences + corpus.queries)
     train = tok.encode_batch(corpus.sentences, length)
     queries = tok.encode_batch(corpus.queries, length)
-    model = TinyTransformerLM(len(tok), length)
+    model = TinyTransformerLM(len(tok), length, padding_idx=0)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     trackers = {
         est: ShapleyTracker(model, opt, val_data=queries, val_loss_fn=lm_losses, estimator=est,
@@ -179,7 +129,7 @@ def main(argv=None) -> int:
     src = corpus.query_source
     kinds = np.array(corpus.query_kind)
 
-    print("command: python benchmarks/text_source_id.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    print("command: " + cli.command_line("text_source_id", argv))
     print(f"corpus: {n} training sentences, {len(corpus.queries)} paraphrase queries, vocab {len(tok)}, "
           f"length {length}; model {sum(p.numel() for p in model.parameters())} params, AdamW lr {args.lr}, "
           f"batch {args.batch}, {args.epochs} epochs = {steps} steps, {args.threads} thread(s)")

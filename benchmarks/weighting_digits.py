@@ -1,7 +1,7 @@
 """LDS of gradient-similarity attribution with uniform vs learned parameter-group weights.
 
-Self-contained linear-datamodeling setup on scikit-learn's digits (no download), since
-``benchmarks/lds_harness.py`` did not exist when this was written:
+Its own linear-datamodeling setup on scikit-learn's digits (no download; written before
+``benchmarks.lds_harness``, kept so the recorded figures stay reproducible):
 
 * pool of 600 training samples, 50 LDS query samples and 100 separate "fit" query samples,
   all drawn from the 1,797 digits with the seed;
@@ -17,7 +17,7 @@ Self-contained linear-datamodeling setup on scikit-learn's digits (no download),
   is label-free, it never sees the retrained models). Default ``FitConfig`` (8 restarts, the
   lowest objective wins; nothing tuned on LDS).
 
-Run:  python benchmarks/weighting_digits.py [--seeds 0 1 2] [--models 100] [--plot out.png]
+Run:  python -m benchmarks.weighting_digits [--seeds 0 1 2] [--models 100] [--plot out.png]
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ import time
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 from torch.nn import functional as F
 
+from benchmarks.common import cli
+from benchmarks.common.data import load_digits_splits
+from benchmarks.common.models import mlp
 from inrun_shapley.metrics import linear_datamodeling_score
 from inrun_shapley.posthoc.weighting import (
     FitConfig,
@@ -47,8 +49,8 @@ EPOCHS, BATCH, LR, CKPT_EVERY = 20, 32, 3e-3, 2
 
 
 def make_model(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 10))
+    """The 64-32-32-10 tanh MLP, initialized from ``seed``."""
+    return mlp((32, 32), activation="tanh", seed=seed)
 
 
 def train(x, y, seed: int, record: bool = False):
@@ -82,15 +84,8 @@ def neg_margin_loss(outputs, y):
 
 
 def run_seed(seed: int, n_models: int, plot: str | None):
-    digits = load_digits()
-    x_all = torch.tensor(digits.data / 16.0, dtype=torch.float32)
-    y_all = torch.tensor(digits.target, dtype=torch.long)
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(x_all))
-    pool, lds_q, fit_q = perm[:N_POOL], perm[N_POOL : N_POOL + N_LDS], perm[N_POOL + N_LDS : N_POOL + N_LDS + N_FIT]
-    x, y = x_all[pool], y_all[pool]
-    xq, yq = x_all[lds_q], y_all[lds_q]
-    xf, yf = x_all[fit_q], y_all[fit_q]
+    rng = np.random.default_rng(seed)  # one permutation for the split, then the subset draws
+    (x, y), (xq, yq), (xf, yf) = load_digits_splits((N_POOL, N_LDS, N_FIT), rng, scale="unit")
 
     t0 = time.perf_counter()
     subsets = np.zeros((n_models, N_POOL), dtype=bool)
@@ -131,7 +126,7 @@ def fit_on_both_query_sets(components_for, lds_queries, fit_queries, base: str, 
     Returns:
         ``(LDS-query components, weights fitted on the fitting queries, weights fitted on the LDS
         queries, [(label, weights)] to evaluate, (components seconds, seconds per fit))``.
-        Shared with weighting_text.py.
+        Shared with ``benchmarks.weighting_text``.
     """
     t1 = time.perf_counter()
     comps_lds = components_for(lds_queries)
@@ -150,7 +145,7 @@ def fit_on_both_query_sets(components_for, lds_queries, fit_queries, base: str, 
 
 def print_seed_results(results: dict, table: dict, name_of) -> None:
     """Print one seed's results (learned weights, objective before -> after, LDS values) and
-    append its LDS values to ``table`` (key -> list over seeds). Shared with weighting_text.py."""
+    append its LDS values to ``table`` (key -> list over seeds). Shared with ``benchmarks.weighting_text``."""
     for key, val in results.items():
         name = name_of(key)
         if isinstance(val, GroupWeights):
@@ -162,13 +157,14 @@ def print_seed_results(results: dict, table: dict, name_of) -> None:
             table.setdefault(key, []).append(val)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    cli.add_seeds(parser, [0, 1, 2])
     parser.add_argument("--models", type=int, default=100, help="retrained subset models per seed")
     parser.add_argument("--plot", default=None, help="write weight bar plots to this PNG path (per seed)")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    cli.add_threads(parser)
+    args = parser.parse_args(argv)
+    cli.set_threads(args.threads)
 
     table: dict = {}
     for seed in args.seeds:

@@ -6,7 +6,7 @@ regenerated from the seed: corpus, split, initialization, batch order):
 * corpus from :func:`benchmarks.common.textdata.make_corpus` (no download): 160 training sentences
   and 60 extra generated sentences whose facts are not in training (distinct subject–verb–
   object triples);
-* model: ``TinyTransformerLM`` from ``benchmarks/text_source_id.py`` (word level, d=32, 2 heads,
+* model: ``TinyTransformerLM`` from :mod:`benchmarks.common.models` (word level, d=32, 2 heads,
   2 layers), trained with AdamW (lr 3e-3, weight decay 0.01, batch 16, 20 epochs) on the
   per-sentence LM loss (mean next-token cross-entropy over the sentence's tokens, ``lm_losses``);
   every model of one seed starts from the same initialization and uses the same batch-order
@@ -33,28 +33,23 @@ Groups (``--groups type``, default): by module type, pooled over the two layers:
 (token + position embeddings), ``attn_q``, ``attn_k``, ``attn_v``, ``attn_o``, ``mlp`` (fc1+fc2),
 ``norm`` (all LayerNorms), ``head``. ``--groups tensor``: one group per parameter tensor.
 
-Run:  python benchmarks/weighting_text.py [--seeds 0 1 2] [--models 50] [--groups type|tensor]
+Run:  python -m benchmarks.weighting_text [--seeds 0 1 2] [--models 50] [--groups type|tensor]
 """
 
 from __future__ import annotations
 
 import argparse
-import pathlib
-import sys
 import time
 
 import numpy as np
 import torch
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from text_source_id import TinyTransformerLM, lm_losses  # noqa: E402
-from weighting_digits import fit_on_both_query_sets, print_seed_results  # noqa: E402
-
-from inrun_shapley.metrics import linear_datamodeling_score  # noqa: E402
-from benchmarks.common.textdata import QUERY_KINDS, WordTokenizer, make_corpus, paraphrase  # noqa: E402
-from inrun_shapley.posthoc.weighting import (  # noqa: E402
+from benchmarks.common import cli
+from benchmarks.common.models import TinyTransformerLM, lm_losses
+from benchmarks.common.textdata import QUERY_KINDS, WordTokenizer, make_corpus, paraphrase
+from benchmarks.weighting_digits import fit_on_both_query_sets, print_seed_results
+from inrun_shapley.metrics import linear_datamodeling_score
+from inrun_shapley.posthoc.weighting import (
     GroupWeights,
     ParameterGroups,
     adam_preconditioner,
@@ -79,7 +74,7 @@ TYPE_PATTERNS = {
 def seq_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Sum over rows of the row's mean next-token cross-entropy over non-pad targets.
 
-    Same value as ``text_source_id.lm_losses`` per row, written with gather + mask so it is
+    Same value as ``benchmarks.common.models.lm_losses`` per row, written with gather + mask so it is
     ``torch.func.vmap``-safe. ``logits [b, t, V]``, ``target [b, t]``.
     """
     logp = logits.log_softmax(-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
@@ -109,7 +104,7 @@ def make_data(seed: int):
 def train_lm(seqs: torch.Tensor, vocab: int, length: int, seed: int, record: bool = False):
     """Train one LM; with ``record`` also return checkpoints and AdamW preconditioners."""
     torch.manual_seed(seed)
-    model = TinyTransformerLM(vocab, length)
+    model = TinyTransformerLM(vocab, length, padding_idx=0)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
     gen = torch.Generator().manual_seed(seed + 1)
     ckpts, preconds = [], []
@@ -196,15 +191,16 @@ def run_seed(seed: int, n_models: int, group_kind: str):
     return results, learned, t_retrain, timings, info, groups
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    cli.add_seeds(parser, [0, 1, 2])
     parser.add_argument("--models", type=int, default=50, help="retrained subset models per seed")
     parser.add_argument("--groups", choices=["type", "tensor"], default="type")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    cli.add_threads(parser)
+    args = parser.parse_args(argv)
+    cli.set_threads(args.threads)
     t_start = time.perf_counter()
-    print("command: python benchmarks/weighting_text.py " + " ".join(sys.argv[1:]))
+    print("command: " + cli.command_line("weighting_text", argv))
 
     table: dict = {}
     for n_seed, seed in enumerate(args.seeds):
@@ -213,7 +209,7 @@ def main():
             print(f"setup: {N_TRAIN} training sentences, LDS queries {N_Q} paraphrase + {N_Q} held-out, "
                   f"fit queries {N_Q} + {N_Q}; TinyTransformerLM {info['params']} params, vocab {info['vocab']}, "
                   f"length {info['length']}; AdamW lr {LR} wd {WD}, batch {BATCH}, {EPOCHS} epochs, "
-                  f"{EPOCHS // CKPT_EVERY} checkpoints; 1 thread")
+                  f"{EPOCHS // CKPT_EVERY} checkpoints; {torch.get_num_threads()} thread(s)")
             print(f"groups ({args.groups}): " + "; ".join(f"{g}: {len(ms)} tensors" for g, ms in groups.members.items()))
         print(f"\n=== seed {seed}: {args.models} retrained models in {t_retrain:.1f}s "
               f"(reference run {info['t_ref']:.2f}s); reference LM loss "

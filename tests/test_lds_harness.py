@@ -1,19 +1,13 @@
-"""The LDS harness (benchmarks/lds_harness.py), its baselines and the quality command (quick mode)."""
+"""The LDS harness (``benchmarks.lds_harness``), its baselines and the quality command (quick mode)."""
 
 from __future__ import annotations
-
-import pathlib
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
-import lds_harness  # noqa: E402
-from lds_harness import LDSSetup, Recipe, TrainCallback, build_noisy_setup, build_setup  # noqa: E402
+from benchmarks import lds_harness, quality
+from benchmarks.lds_harness import LDSSetup, Recipe, TrainCallback, build_noisy_setup, build_setup
 
 
 def synthetic_setup(n_train=200, n_queries=30, n_models=150, noise=0.0, seed=0) -> tuple[LDSSetup, np.ndarray]:
@@ -126,8 +120,6 @@ def test_noisy_setup_flips_the_asked_fraction(quick_cache):
 
 
 def test_quality_quick_runs_our_reference_methods(quick_cache, tmp_path):
-    import quality
-
     out = tmp_path / "results.md"
     rows = quality.main(["--quick", "--only", "ours", "--cache-dir", str(quick_cache), "--out", str(out)])
     assert [r.method for r in rows] == list(quality.OURS)
@@ -140,8 +132,6 @@ def test_quality_quick_runs_our_reference_methods(quick_cache, tmp_path):
 
 
 def test_quality_reports_a_failing_method_instead_of_dropping_it(quick_cache, monkeypatch):
-    import quality
-
     def broken(setup):
         raise RuntimeError("boom")
 
@@ -152,8 +142,6 @@ def test_quality_reports_a_failing_method_instead_of_dropping_it(quick_cache, mo
 
 def test_quick_peers_run_when_installed(quick_cache):
     pytest.importorskip("kronfluence")
-    import quality
-
     rows = quality.main(["--quick", "--only", "kronfluence EK-FAC", "--cache-dir", str(quick_cache), "--no-auc"])
     assert rows[0].status == "ok", rows[0].status
     assert rows[0].lds_mean > 0.2

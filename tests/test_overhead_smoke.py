@@ -1,30 +1,18 @@
-"""Smoke test of ``benchmarks/overhead.py --quick``: it runs end to end and prints its table."""
+"""Smoke test of ``python -m benchmarks.overhead --quick``: it runs end to end and prints its table."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("overhead_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from benchmarks import overhead as bench
 
 
 def test_overhead_quick_prints_table(capsys):
-    bench = _load()
     start = time.perf_counter()
     assert bench.main(["--quick"]) == 0
     elapsed = time.perf_counter() - start
     out = capsys.readouterr().out
-    assert "command: python benchmarks/overhead.py --quick" in out
+    assert "command: python -m benchmarks.overhead --quick" in out
     for model in ("[mlp]", "[transformer]"):
         assert model in out
     for row in ("plain", "tracker val=2 (B/8)", "tracker val=16 (B)", "tracker, cached g_v (machinery)",
@@ -44,6 +32,5 @@ def test_overhead_cuda_flag_skips_cleanly_without_cuda(capsys):
 
     if torch.cuda.is_available():
         return  # the GPU path is exercised by running the benchmark itself
-    bench = _load()
     assert bench.main(["--quick", "--device", "cuda"]) == 0
     assert "no CUDA device" in capsys.readouterr().out
