@@ -171,7 +171,7 @@ def test_report_merges_rank_directory(tmp_path, capsys):
         ),
         (
             ["prune", "{log}", "--fraction", "0.2", "--class-balanced", "--out", "{out}"],
-            "needs labels",
+            "--class-balanced needs --labels",
         ),
         (
             [

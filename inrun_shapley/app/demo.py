@@ -14,16 +14,23 @@ The recipe (everything ships with scikit-learn; nothing is downloaded):
    (drop the highest final training loss).
 
 This module is an application of the library: it uses Lightning through
-``inrun_shapley.callbacks``, imported when the demo runs (the core stays framework-free).
+``inrun_shapley.callbacks``, imported when the demo runs (the core stays framework-free). It
+leaves the process as it found it: torch's thread count and global generator, the logging
+levels and warning filters it quiets while Lightning runs, and matplotlib's backend (the plots
+use no backend) are all restored or untouched when :func:`run_demo` returns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -31,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from inrun_shapley.app.digits import flip_labels, load_digits_splits, mlp
 from inrun_shapley.data import IndexedDataset
 from inrun_shapley.log import ShapleyLog
 from inrun_shapley.metrics import roc_auc
@@ -79,37 +87,24 @@ class DemoConfig:
 def digits_with_flips(seed: int, flip: float, n_train: int = 1000, n_val: int = 400, scale: str = "standardize"):
     """Digits split into (train with flipped labels, clean val, clean test) and the flip mask.
 
-    ``scale="standardize"``: per-pixel z-scores from the training split (scale floored at one
-    intensity level); ``"unit"``: intensities divided by 16 (range [0, 1]). The test split is what remains after train and val.
-    """
-    from sklearn.datasets import load_digits
+    One generator ``default_rng(seed)`` shuffles the images, then picks the flipped rows and
+    their new classes (:func:`inrun_shapley.app.digits.flip_labels`). ``scale`` is
+    ``"standardize"`` (per-pixel z-scores from the training split, scale floored at one
+    intensity level) or ``"unit"`` (intensities / 16). The test split is what remains after
+    train and val.
 
-    x, y = load_digits(return_X_y=True)
+    Returns:
+        ``(train, val, test, flipped)``: ``(x, y)`` tensor pairs and the ``[n_train]`` bool mask.
+    """
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(x))
-    x, y = x[order].astype(np.float32), y[order].astype(np.int64)
-    if scale == "unit":
-        x = x / 16.0
-    else:
-        # z-scores from the training split, with the scale floored at one intensity level (of
-        # 0..16): a pixel (nearly) constant in the training split must not turn a validation or
-        # test image with ink there into a feature of size 1e6, which would dominate every
-        # gradient taken on it.
-        x = (x - x[:n_train].mean(0)) / np.maximum(x[:n_train].std(0), 1.0)
-    y_train = y[:n_train].copy()
-    flipped = np.zeros(n_train, dtype=bool)
-    flipped[rng.choice(n_train, int(round(flip * n_train)), replace=False)] = True
-    y_train[flipped] = (y_train[flipped] + rng.integers(1, 10, flipped.sum())) % 10
-    t = torch.from_numpy
-    train = (t(x[:n_train]), t(y_train))
-    val = (t(x[n_train : n_train + n_val]), t(y[n_train : n_train + n_val]))
-    test = (t(x[n_train + n_val :]), t(y[n_train + n_val :]))
-    return train, val, test, flipped
+    train, val, test = load_digits_splits((n_train, n_val, None), rng, scale=scale)
+    y_noisy, flipped = flip_labels(train[1], flip, rng)
+    return (train[0], y_noisy), val, test, flipped
 
 
 def make_mlp(hidden: int, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+    """The demo's MLP ``64 → hidden → hidden → 10`` (ReLU), initialized from ``seed``."""
+    return mlp((hidden, hidden), activation="relu", seed=seed)
 
 
 def train_plain(train, keep: np.ndarray, cfg: DemoConfig, seed: int) -> nn.Module:
@@ -131,18 +126,26 @@ def accuracy(model: nn.Module, data) -> float:
     return float((model(data[0]).argmax(1) == data[1]).float().mean())
 
 
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Keep Lightning's banners, tips and a known pytree warning out of the demo's tables, and
+    restore the logger level and the warning filters afterwards."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def tracked_run(train, val, cfg: DemoConfig, seed: int, out: Path):
     """One Lightning run with two ShapleyCallbacks; returns the trained model and both logs."""
-    import logging
-    import warnings
-
     import lightning.pytorch as pl
 
     from inrun_shapley.callbacks import ShapleyCallback
-
-    # The demo prints its own tables: keep Lightning's banners and tips out of them.
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
     class DigitsMLP(pl.LightningModule):
         def __init__(self):
@@ -165,16 +168,17 @@ def tracked_run(train, val, cfg: DemoConfig, seed: int, out: Path):
         est: ShapleyCallback(val_data=val, estimator=est, log_dir=out / f"log_{est}", record_steps=False)
         for est in ("shapley", "sgd")
     }
-    trainer = pl.Trainer(
-        max_epochs=cfg.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_model_summary=False, enable_progress_bar=cfg.progress, callbacks=list(callbacks.values()),
-    )
     module = DigitsMLP()
     loader = DataLoader(
         IndexedDataset(TensorDataset(*train)), batch_size=cfg.batch_size, shuffle=True,
         generator=torch.Generator().manual_seed(seed),
     )
-    trainer.fit(module, loader)
+    with _quiet_lightning():
+        trainer = pl.Trainer(
+            max_epochs=cfg.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+            enable_model_summary=False, enable_progress_bar=cfg.progress, callbacks=list(callbacks.values()),
+        )
+        trainer.fit(module, loader)
     return module.net, {est: ShapleyLog.load(out / f"log_{est}") for est in callbacks}
 
 
@@ -210,6 +214,8 @@ def run_seed(cfg: DemoConfig, seed: int, out: Path) -> dict:
             result.setdefault("flipped_removed", {})[f"{frac:g}"] = float(flipped[np.setdiff1d(np.arange(n), keep)].mean())
     result["flipped"] = flipped
     result["shapley_scores"] = shapley_scores
+    # the flipped training rows (= sample ids of the logs), for ``report --highlight``
+    (out / "flipped_ids.txt").write_text("".join(f"{i}\n" for i in np.flatnonzero(flipped)))
     return result
 
 
@@ -272,9 +278,12 @@ def run_demo(out_dir="inrun_shapley_demo", cfg: DemoConfig | None = None) -> dic
     files.append(plots.plot_accuracy_vs_fraction(table, out / "accuracy_vs_fraction_pruned.png"))
     summary = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
                "auc": auc, "accuracy": acc, "flipped_share_of_dropped": removed,
+               "flipped_ids": [f"seed{seed}/flipped_ids.txt" for seed in cfg.seeds],
                "seconds": round(time.perf_counter() - start, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nWrote {', '.join(str(f) for f in files)}, {out / 'summary.json'} and value logs under "
-          f"{out}/seed*/log_*  ({summary['seconds']} s)")
-    print("Inspect a log: inrun-shapley report " + str(out / f"seed{cfg.seeds[0]}" / "log_shapley") + " --out report")
+    print(f"\nWrote {', '.join(str(f) for f in files)}, {out / 'summary.json'} and under "
+          f"{out}/seed*/ the value logs (log_*) and flipped_ids.txt  ({summary['seconds']} s)")
+    first_dir = out / f"seed{cfg.seeds[0]}"
+    print(f"Inspect a log: inrun-shapley report {first_dir / 'log_shapley'} --out report "
+          f"--highlight {first_dir / 'flipped_ids.txt'}")
     return {"auc": auc, "accuracy": acc, "files": [str(f) for f in files], "seconds": summary["seconds"]}

@@ -1,7 +1,9 @@
-"""Matplotlib plotting helpers for the CLI and the demo (Agg backend, PNG files).
+"""Matplotlib plotting helpers for the CLI and the demo (PNG files).
 
-Every function writes one PNG and returns its path; none opens a window. Matplotlib is imported
-lazily and forced onto the non-interactive Agg backend, so they work on headless machines.
+Every function writes one PNG and returns its path; none opens a window. Figures are built with
+matplotlib's object-oriented API (a bare ``Figure`` drawn by ``FigureCanvasAgg``), never
+``pyplot``: no backend is selected or changed, nothing is left in pyplot's figure registry, and
+it works on headless machines. Matplotlib is imported inside the functions, on first use.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import numpy as np
 from inrun_shapley.errors import ConfigurationError
 
 
-def _pyplot():
-    import matplotlib
+def _figure(figsize: tuple[float, float] = (6, 4)):
+    """A new ``(figure, axes)`` pair drawn by the Agg canvas, outside pyplot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
@@ -29,7 +32,6 @@ def _save(fig, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
     return path
 
 
@@ -83,8 +85,7 @@ def plot_value_histogram(
     parts = _as_groups(scores, groups)
     finite = scores[np.isfinite(scores)]
     edges = np.histogram_bin_edges(finite if finite.size else np.zeros(1), bins=bins)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _figure()
     for name, vals in parts.items():
         vals = vals[np.isfinite(vals)]
         if vals.size == 0:
@@ -124,8 +125,7 @@ def plot_cumulative_value(
     """
     scores = np.asarray(scores, dtype=np.float64).ravel()
     ordered = np.sort(scores[np.isfinite(scores)])[::-1]
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _figure()
     x = np.arange(1, ordered.size + 1) / max(ordered.size, 1)
     ax.plot(x, np.cumsum(ordered), lw=1.5)
     ax.axhline(0.0, color="k", lw=0.8, ls="--")
@@ -156,8 +156,7 @@ def plot_step_values(
         totals = totals.mean(axis=1)
     if totals.shape != steps.shape:
         raise ConfigurationError(f"steps {steps.shape} and totals {totals.shape} differ")
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _figure()
     ax.plot(steps, totals, lw=1.0)
     ax.axhline(0.0, color="k", lw=0.8, ls="--")
     ax.set_xlabel("optimizer step")
@@ -192,8 +191,7 @@ def plot_accuracy_vs_fraction(
         ConfigurationError: the table has neither form.
     """
     series = _accuracy_series(table)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _figure()
     for method, (fr, acc, std) in series.items():
         order = np.argsort(fr)
         fr, acc = fr[order], acc[order]
@@ -272,8 +270,7 @@ def plot_top_bottom(
         raise ConfigurationError(f"ids {ids.shape} and scores {scores.shape} differ")
     order = np.lexsort((ids, -scores))
     pick = np.concatenate([order[:k], order[max(k, order.size - k) :]])
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, max(3, 0.25 * pick.size + 1)))
+    fig, ax = _figure((6, max(3, 0.25 * pick.size + 1)))
     y = np.arange(pick.size)[::-1]
     colors = ["tab:green" if s >= 0 else "tab:red" for s in scores[pick]]
     ax.barh(y, scores[pick], color=colors)
