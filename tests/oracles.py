@@ -166,3 +166,11 @@ def relative_error(got, ref) -> float:
     got = torch.as_tensor(got, dtype=torch.float64)
     ref = torch.as_tensor(ref, dtype=torch.float64)
     return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def per_sample_direction_dots(model: nn.Module, loss_of_row: Callable, rows: tuple, directions: dict) -> torch.Tensor:
+    """``[B]``: each row's gradient (``torch.func`` per-sample gradients) dotted with ``directions``
+    (``{param name: tensor of the parameter's shape}``; parameters not named count zero)."""
+    grads = per_sample_grads(model, loss_of_row, rows)
+    b = next(iter(grads.values())).shape[0]
+    return torch.stack([sum((grads[k][i] * directions[k]).sum() for k in directions) for i in range(b)])

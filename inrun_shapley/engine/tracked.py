@@ -61,7 +61,7 @@ def plan_modules(model: nn.Module, exclude: Iterable[str], strict: bool,
     owned: set[str] = set()
     problems = []
     for name, module in model.named_modules():
-        if _under(name, owned):
+        if "" in owned or _under(name, owned):  # "" : the root's rule owns the whole model
             continue
         rule = rule_for(module) or JVP_RULE
         params = rule.parameters(module)
