@@ -155,3 +155,13 @@ def test_subset():
     with pytest.raises(SampleIdError, match=r"in \[0, 10\)"):
         subset(data, [3, 10])
     assert len(subset(data, [])) == 0
+
+
+def test_ids_count_below_the_largest_scored_id_refused(tmp_path):
+    log = _log(tmp_path)  # ids 0, 1, 2
+    with pytest.raises(SampleIdError, match=r"ids=2 means the dataset has ids \[0, 2\).*up to 2"):
+        prune(log, fraction=0.5, ids=2)
+    assert prune(log, fraction=0.0, ids=3).tolist() == [0, 1, 2]
+    with pytest.raises(SampleIdError, match="up to 3"):
+        prune(np.array([0.1, NAN, 0.2, 0.3, NAN]), fraction=0.5, ids=3)
+    assert prune(np.array([0.1, NAN, 0.2, 0.3, NAN]), fraction=0.0, ids=4).tolist() == [0, 1, 2, 3]

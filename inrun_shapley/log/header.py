@@ -39,6 +39,7 @@ INRUN_POSITIVE_MEANS = (
     "(units of validation loss)"
 )
 HELPFUL_SIGNS = (1, -1, None)
+MAX_QUERIES = 2**24  # a sanity bound for n_queries read from a header
 
 
 def _is_int(x: Any) -> bool:
@@ -147,6 +148,8 @@ def validate_header(header: Any, meta: Path) -> dict[str, Any]:
         out[key] = check.int(header.get(key, 0), key)
     out["first_step"] = check.int(header.get("first_step"), "first_step", optional=True)
     out["n_queries"] = check.int(header.get("n_queries"), "n_queries", low=1, optional=True)
+    if out["n_queries"] is not None and out["n_queries"] > MAX_QUERIES:
+        raise check.fail("n_queries", f"at most {MAX_QUERIES}", out["n_queries"])
     groups = header.get("group_names")
     if groups is not None and (
         not isinstance(groups, list) or not groups or not all(isinstance(g, str) for g in groups)
@@ -159,10 +162,11 @@ def validate_header(header: Any, meta: Path) -> dict[str, Any]:
     metadata = header.get("metadata", {})
     if not isinstance(metadata, dict):
         raise check.fail("metadata", "an object", metadata)
-    out["metadata"] = dict(metadata)
+
     std_source = header.get("std_source")
     if std_source is not None and not isinstance(std_source, str):
         raise check.fail("std_source", "null or a string", std_source)
+    out.update(group_names=groups, record_steps=record_steps, std_source=std_source, metadata=dict(metadata))
     totals = header["totals"]
     out["totals"] = None if totals is None else check.entry(totals, "totals", "totals-", rows=False)
     deltas = header.get("deltas", [])

@@ -30,8 +30,9 @@ class ShapleyLogWriter:
 
     Each :meth:`flush` appends the flush's per-step tables and a *delta* of the per-id fields
     over the ids its steps touched, so its cost is proportional to what changed. The deltas are
-    folded into a new base snapshot (a compaction) on :meth:`close`, or earlier once they hold
-    more rows than the snapshot would or number ``MAX_DELTAS``.
+    folded into a new base snapshot (a compaction, ``O(n_ids)``) on :meth:`close`, at the first
+    flush, and whenever the listed deltas would hold more rows than the snapshot or number
+    ``MAX_DELTAS``: compactions then cost ``O(1)`` amortized per changed row.
 
     Args:
         path: directory of the log (created if missing).
@@ -321,7 +322,8 @@ class ShapleyLogWriter:
             header["chunks"].append(self._write_chunk(gen))
         if self._totals is not None and (pending or compact):
             listed_rows = sum(e["rows"] for e in header["deltas"]) + len(self._delta)
-            if compact or listed_rows > len(self._totals) or len(header["deltas"]) >= MAX_DELTAS:
+            if (compact or header["totals"] is None or listed_rows > len(self._totals)
+                    or len(header["deltas"]) >= MAX_DELTAS):
                 header["totals"] = self._write_table(root / f"totals-{gen:06d}.npz", self._totals)
                 header["deltas"] = []
             elif len(self._delta):
