@@ -9,6 +9,7 @@ Adam, the second moment then depends on S too). Exact Shapley values come from e
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,6 +82,7 @@ def fidelity(estimator_orders, opt_factory, warmup=5, checks=4, seed=0):
     return {key: float(np.mean(v)) for key, v in results.items()}
 
 
+@pytest.mark.slow
 def test_adam_shapley_matches_exact_shapley_and_beats_sgd_form():
     keys = [("shapley", 1), ("shapley", 2), ("sgd", 1)]
     per_seed = [
@@ -92,6 +94,7 @@ def test_adam_shapley_matches_exact_shapley_and_beats_sgd_form():
     assert mean[("shapley", 1)] > mean[("sgd", 1)], mean
 
 
+@pytest.mark.slow
 def test_adamw_shapley_matches_exact_shapley():
     keys = [("shapley", 1), ("shapley", 2)]
     res = fidelity(keys, lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.05), seed=3)
@@ -99,6 +102,7 @@ def test_adamw_shapley_matches_exact_shapley():
     assert res[("shapley", 2)] >= 0.98, res
 
 
+@pytest.mark.slow
 def test_sgd_momentum_second_order_is_near_exact():
     keys = [("shapley", 1), ("shapley", 2)]
     res = fidelity(keys, lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9), seed=4)
