@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from inrun_shapley.atomic import atomic_write, npy_bytes, npz_bytes
 from inrun_shapley.errors import ConfigurationError, LogError
 from inrun_shapley.log.accumulator import IdAccumulator, check_ids
 from inrun_shapley.log.fields import id_fields, record_dtype, stats_dtype
-from inrun_shapley.log.format import FORMAT_NAME, FORMAT_VERSION, META_FILE, fsync_dir, now, read_chunks, read_table
+from inrun_shapley.log.commit import commit, write_chunk, write_table
+from inrun_shapley.log.format import FORMAT_NAME, FORMAT_VERSION, META_FILE, now, read_chunks, read_table
 from inrun_shapley.log.header import read_header
 
 NORMALIZATIONS = ("none", "step_std", "mean")
@@ -301,19 +300,10 @@ class ShapleyLog:
         header.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, generation=1, updated=now(),
                       n_ids=int(self.ids.shape[0]), max_id=self.max_id, record_steps=self.steps is not None,
                       deltas=[], chunks=[])
-        header["totals"] = dict(atomic_write(root / "totals-000001.npz", npz_bytes(self.totals())),
-                                rows=int(self.ids.shape[0]))
+        header["totals"] = write_table(root / "totals-000001.npz", self._totals)
         if self.step_stats.shape[0]:
-            st = self.step_stats
-            entry: dict[str, Any] = {"first_step": int(st["step"][0]), "last_step": int(st["step"][-1]),
-                                     "n_steps": int(st.shape[0]), "steps": None}
-            if self.steps is not None:
-                entry["steps"] = dict(atomic_write(root / "steps-000001.npy", npy_bytes(self.steps)),
-                                      rows=int(self.steps.shape[0]))
-            entry["stats"] = dict(atomic_write(root / "stats-000001.npy", npy_bytes(st)), rows=int(st.shape[0]))
-            header["chunks"].append(entry)
-        atomic_write(root / META_FILE, json.dumps(header, indent=1).encode())
-        fsync_dir(root)
+            header["chunks"].append(write_chunk(root, 1, self.step_stats, self.steps))
+        commit(root, None, header)
         return root
 
     def __repr__(self) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -10,19 +9,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from inrun_shapley.atomic import atomic_write, npy_bytes, npz_bytes
 from inrun_shapley.errors import ConfigurationError, LogError
 from inrun_shapley.log.accumulator import IdAccumulator
 from inrun_shapley.log.fields import id_fields, record_dtype, stats_dtype
-from inrun_shapley.log.format import (
-    DATA_FILE, FORMAT_NAME, FORMAT_VERSION, META_FILE, TMP_FILE, clean_strays, fsync_dir, library_version,
-    listed_files, now, read_table,
-)
-from inrun_shapley.log.header import INRUN_POSITIVE_MEANS, INRUN_SHAPLEY, read_header, score_description
+from inrun_shapley.log.commit import MAX_DELTAS, commit, open_log_dir, write_chunk, write_totals
+from inrun_shapley.log.format import FORMAT_NAME, FORMAT_VERSION, META_FILE, library_version, now, read_table
+from inrun_shapley.log.header import INRUN_POSITIVE_MEANS, INRUN_SHAPLEY, score_description
 from inrun_shapley.log.moments import is_degenerate, step_moments, step_scale
 from inrun_shapley.log.step_input import StepChecker, as_numpy, check_writer_args
-
-MAX_DELTAS = 64  # compact (rewrite the base snapshot) at the latest after this many delta files
 
 
 class ShapleyLogWriter:
@@ -103,7 +97,7 @@ class ShapleyLogWriter:
         self._resumed_at: int | None = None
         self._totals: IdAccumulator | None = None  # everything added, flushed or not
         self._delta: IdAccumulator | None = None  # added since the last commit
-        header = self._open_dir(resume)
+        header = open_log_dir(self.path, resume)
         if header is None:
             self._header: dict[str, Any] = {
                 "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "library_version": library_version(),
@@ -118,29 +112,6 @@ class ShapleyLogWriter:
             self._start_totals()
 
     # -- opening ---------------------------------------------------------------------------
-
-    def _open_dir(self, resume: bool) -> dict[str, Any] | None:
-        root = self.path
-        if root.exists() and not root.is_dir():
-            raise LogError(f"{root}: exists and is a file; a value log is a directory")
-        if (root / META_FILE).exists() or (root / META_FILE).is_symlink():
-            if not resume:
-                raise LogError(
-                    f"{root}: a value log already exists here; pass resume=True to continue it or pick a new path"
-                )
-            header = read_header(root)
-            clean_strays(root, header)
-            return header
-        if root.exists():
-            others = [c.name for c in root.iterdir() if not (TMP_FILE.match(c.name) or DATA_FILE.match(c.name))]
-            if others:
-                raise LogError(
-                    f"{root}: directory is not empty and holds no value log (found {sorted(others)[:5]}); "
-                    "pick a new path"
-                )
-            clean_strays(root, None)  # leftovers of a run killed before its first flush
-        root.mkdir(parents=True, exist_ok=True)
-        return None
 
     def _resume_from(self, header: dict[str, Any], metadata: dict[str, Any] | None) -> None:
         log_q, log_groups, meta = header["n_queries"], header["group_names"], self.path / META_FILE
@@ -319,49 +290,22 @@ class ShapleyLogWriter:
         root.mkdir(parents=True, exist_ok=True)
         header = dict(old, chunks=list(old["chunks"]), deltas=list(old["deltas"]))
         if pending:
-            header["chunks"].append(self._write_chunk(gen))
+            records = np.concatenate(self._buffer_records) if self.record_steps else None
+            header["chunks"].append(write_chunk(root, gen, np.concatenate(self._buffer_stats), records))
         if self._totals is not None and (pending or compact):
-            listed_rows = sum(e["rows"] for e in header["deltas"]) + len(self._delta)
-            if (compact or header["totals"] is None or listed_rows > len(self._totals)
-                    or len(header["deltas"]) >= MAX_DELTAS):
-                header["totals"] = self._write_table(root / f"totals-{gen:06d}.npz", self._totals)
-                header["deltas"] = []
-            elif len(self._delta):
-                header["deltas"].append(self._write_table(root / f"delta-{gen:06d}.npz", self._delta))
+            write_totals(root, header, gen, self._totals, self._delta, compact)
         header.update(
             generation=gen, updated=now(), format_version=FORMAT_VERSION, n_queries=self._n_queries,
             group_names=self.group_names, last_step=self._last_step,
             n_ids=len(self._totals) if self._totals is not None else 0,
             max_id=self._totals.max_id if self._totals is not None else -1,
         )
-        atomic_write(root / META_FILE, json.dumps(header, indent=1).encode())  # commit point
-        fsync_dir(root)
+        commit(root, old, header)
         self._header = header
         self._flushed_step = self._last_step
         self._buffer_records, self._buffer_stats = [], []
         if self._totals is not None:
             self._delta = IdAccumulator(self._fields)
-        for name in listed_files(old) - listed_files(header):  # folded into the new base
-            try:
-                (root / name).unlink()
-            except OSError:
-                pass
-
-    def _write_chunk(self, gen: int) -> dict[str, Any]:
-        stats = np.concatenate(self._buffer_stats)
-        entry: dict[str, Any] = {"first_step": int(stats["step"][0]), "last_step": int(stats["step"][-1]),
-                                 "n_steps": int(stats.shape[0]), "steps": None}
-        if self.record_steps:
-            records = np.concatenate(self._buffer_records)
-            entry["steps"] = dict(atomic_write(self.path / f"steps-{gen:06d}.npy", npy_bytes(records)),
-                                  rows=int(records.shape[0]))
-        entry["stats"] = dict(atomic_write(self.path / f"stats-{gen:06d}.npy", npy_bytes(stats)),
-                              rows=int(stats.shape[0]))
-        return entry
-
-    @staticmethod
-    def _write_table(path: Path, acc: IdAccumulator) -> dict[str, Any]:
-        return dict(atomic_write(path, npz_bytes(acc.table())), rows=len(acc))
 
     def close(self) -> None:
         """Flush, fold the deltas into one base snapshot, and close; further :meth:`add_step`
