@@ -63,6 +63,12 @@ def _check_option_names(owner: str, options: dict, fixed: tuple[str, ...]) -> No
             )
 
 
+# The batch whose ids were taken last, and those ids: several adapters on one trainer (e.g. two
+# callbacks with different estimators) all get the ids the first one took out. A strong reference,
+# so the batch's ``id`` cannot be reused while it is kept (until the next batch replaces it).
+_last_taken: tuple[Any, Any] | None = None
+
+
 def take_sample_ids(batch, ids_fn: Callable | None = None, key: str = IDS_KEY) -> Tensor:
     """The sample ids of a batch, with the ids :class:`~inrun_shapley.IndexedDataset` added
     removed from the batch IN PLACE (trailing list element or dict key ``key``), so the code
@@ -70,7 +76,8 @@ def take_sample_ids(batch, ids_fn: Callable | None = None, key: str = IDS_KEY) -
 
     Order: ``ids_fn(batch)`` if given; else the :class:`~inrun_shapley.data.SampleIds` that
     IndexedDataset added; else ``batch[key]`` of a dict batch (your own ids: read, left in place).
-    The added ids are removed in every case, also when ``ids_fn`` is given.
+    The added ids are removed in every case, also when ``ids_fn`` is given; a later call with
+    the same batch object (a second adapter) gets them too.
 
     Returns:
         ``[n]`` int64 CPU tensor, checked as the tracker checks them (one function for both).
@@ -80,6 +87,7 @@ def take_sample_ids(batch, ids_fn: Callable | None = None, key: str = IDS_KEY) -
             ``collate_fn`` return a list, as ``default_collate`` does, or pass ``ids_fn``), or
             they are not one distinct non-negative integer per row.
     """
+    global _last_taken
     ids = ids_fn(batch) if ids_fn is not None else None
     added = None
     if isinstance(batch, dict) and isinstance(batch.get(key), SampleIds):
@@ -92,6 +100,10 @@ def take_sample_ids(batch, ids_fn: Callable | None = None, key: str = IDS_KEY) -
             "in place before your code sees it: make the DataLoader's collate_fn return a list "
             "(default_collate does) or a dict, or pass ids_fn=lambda batch: batch[-1]"
         )
+    if added is not None:
+        _last_taken = (batch, added)
+    elif _last_taken is not None and _last_taken[0] is batch:
+        added = _last_taken[1]
     if ids is None:
         ids = added
     if ids is None and isinstance(batch, dict) and key in batch:

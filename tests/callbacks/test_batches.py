@@ -110,3 +110,13 @@ def test_items_without_room_for_an_id_are_refused_with_what_to_pass(item, kind):
     with pytest.raises(ConfigurationError, match=kind) as err:
         IndexedDataset([item])
     assert "ids_fn" in str(err.value)
+
+
+def test_two_callbacks_on_one_trainer_both_get_the_ids():
+    from inrun_shapley import ShapleyCallback
+
+    train, val = data()
+    shapley, sgd = ShapleyCallback(val_data=val), ShapleyCallback(val_data=val, estimator="sgd")
+    pl.Trainer(callbacks=[shapley, sgd], **trainer_kwargs()).fit(
+        TupleModule(), DataLoader(IndexedDataset(train), batch_size=8))
+    assert close(shapley.values, plain_values()[0]) and close(sgd.values, plain_values(estimator="sgd")[0])
