@@ -213,6 +213,7 @@ def test_help_exits_zero(capsys):
     assert "prune" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_console_module_exit_code(tmp_path):
     """``python -m inrun_shapley.app.cli`` propagates main's exit code (one subprocess: slow import)."""
     bad = subprocess.run(

@@ -119,6 +119,7 @@ def test_noisy_setup_flips_the_asked_fraction(quick_cache):
     assert noisy.flip_auc(perfect) == 1.0
 
 
+@pytest.mark.slow
 def test_quality_quick_runs_our_reference_methods(quick_cache, tmp_path):
     out = tmp_path / "results.md"
     rows = quality.main(["--quick", "--only", "ours", "--cache-dir", str(quick_cache), "--out", str(out)])

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from benchmarks import overhead as bench
 
 
+@pytest.mark.slow
 def test_overhead_quick_prints_table(capsys):
     start = time.perf_counter()
     assert bench.main(["--quick"]) == 0
