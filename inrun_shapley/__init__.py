@@ -25,7 +25,6 @@ import importlib
 from typing import TYPE_CHECKING
 
 from inrun_shapley._version import __version__
-from inrun_shapley.data import IndexedDataset
 from inrun_shapley.errors import (
     AttributionError,
     ConfigurationError,
@@ -35,12 +34,20 @@ from inrun_shapley.errors import (
     UnsupportedModuleError,
     UnsupportedOptimizerError,
 )
-from inrun_shapley.engine import ModuleReport, ShapleyTracker, ValidationObjective
-from inrun_shapley.log import ShapleyLog, ShapleyLogWriter
-from inrun_shapley.prune import prune, subset  # binds the function over the submodule of the same name
 
-# name -> module that defines it, imported on first attribute access (PEP 562).
+# name -> module that defines it, imported on first attribute access (PEP 562): a bare
+# ``import inrun_shapley`` (and so ``inrun-shapley --help``) loads neither torch nor the
+# post-hoc stack.
 _LAZY = {
+    "IndexedDataset": "inrun_shapley.data",
+    "ShapleyTracker": "inrun_shapley.engine",
+    "ModuleReport": "inrun_shapley.engine",
+    "ValidationObjective": "inrun_shapley.engine",
+    "Estimator": "inrun_shapley.engine",
+    "ShapleyLog": "inrun_shapley.log",
+    "ShapleyLogWriter": "inrun_shapley.log",
+    "prune": "inrun_shapley.pruning",
+    "subset": "inrun_shapley.pruning",
     "Recording": "inrun_shapley.trajectory",
     "TrajectoryRecorder": "inrun_shapley.trajectory",
     "adjoint_influence": "inrun_shapley.posthoc.adjoint",
@@ -54,8 +61,12 @@ _LAZY = {
 if TYPE_CHECKING:  # pragma: no cover
     from inrun_shapley.callbacks.accelerate import ShapleyHook
     from inrun_shapley.callbacks.lightning import ShapleyCallback
+    from inrun_shapley.data import IndexedDataset
+    from inrun_shapley.engine import Estimator, ModuleReport, ShapleyTracker, ValidationObjective
+    from inrun_shapley.log import ShapleyLog, ShapleyLogWriter
     from inrun_shapley.posthoc.adjoint import adjoint_influence
     from inrun_shapley.posthoc.bif import BIFConfig, BIFResult, bayesian_influence
+    from inrun_shapley.pruning import prune, subset
     from inrun_shapley.trajectory import Recording, TrajectoryRecorder
 
 
@@ -75,19 +86,11 @@ def __dir__() -> list[str]:
 __all__ = [
     "AttributionError",
     "ConfigurationError",
-    "IndexedDataset",
     "LogError",
-    "ModuleReport",
     "NonFiniteError",
     "SampleIdError",
-    "ShapleyTracker",
     "UnsupportedModuleError",
     "UnsupportedOptimizerError",
-    "ShapleyLog",
-    "ShapleyLogWriter",
-    "ValidationObjective",
     "__version__",
-    "prune",
-    "subset",
     *_LAZY,
 ]

@@ -12,7 +12,7 @@ import pytest
 from inrun_shapley.app import plots
 from inrun_shapley.app.cli import COMMANDS, main
 from inrun_shapley.log import ShapleyLog, ShapleyLogWriter
-from inrun_shapley.prune import prune
+from inrun_shapley.pruning import prune
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

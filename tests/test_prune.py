@@ -7,7 +7,7 @@ import pytest
 
 from inrun_shapley.errors import ConfigurationError, SampleIdError
 from inrun_shapley.log import ShapleyLog, ShapleyLogWriter
-from inrun_shapley.prune import prune, subset
+from inrun_shapley.pruning import prune, subset
 
 NAN = np.nan
 

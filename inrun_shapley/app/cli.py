@@ -97,7 +97,7 @@ def _check_prune_arguments(args: argparse.Namespace) -> None:
 
 def _prune_run(args: argparse.Namespace) -> int:
     from inrun_shapley.log import ShapleyLog
-    from inrun_shapley.prune import prune
+    from inrun_shapley.pruning import prune
 
     _check_prune_arguments(args)
     log = ShapleyLog.load(args.log, progress=True)

@@ -42,7 +42,7 @@ from inrun_shapley.app.digits import flip_labels, load_digits_splits, mlp
 from inrun_shapley.data import IndexedDataset
 from inrun_shapley.log import ShapleyLog
 from inrun_shapley.metrics import roc_auc
-from inrun_shapley.prune import prune
+from inrun_shapley.pruning import prune
 
 
 @dataclass

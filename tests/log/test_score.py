@@ -9,7 +9,7 @@ import pytest
 
 from inrun_shapley.errors import ConfigurationError, LogError
 from inrun_shapley.log import ShapleyLog, ShapleyLogWriter
-from inrun_shapley.prune import prune
+from inrun_shapley.pruning import prune
 
 HARMFUL_HIGH = dict(score_kind="adjoint", positive_means="including the sample raises the query loss",
                     helpful_sign=-1)

@@ -12,7 +12,7 @@ from inrun_shapley.errors import SampleIdError
 from inrun_shapley.log import IdAccumulator, ShapleyLog, ShapleyLogWriter
 from inrun_shapley.log.accumulator import check_ids
 from inrun_shapley.log.fields import id_fields
-from inrun_shapley.prune import prune
+from inrun_shapley.pruning import prune
 
 from tests.log.helpers import assert_totals_match, make_steps, reference_table, write
 
