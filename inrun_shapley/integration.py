@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import shutil
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -201,10 +200,11 @@ class ShapleyConfig:
         path = self.log_path(rank, world_size)
         writer = None
         if path is not None:
-            self._clear_or_refuse(path, resume)
+            self._refuse_unless_allowed(path, resume)
             writer = ShapleyLogWriter(
                 path, group_names=tracker.group_names if self.group_values else None,
                 record_steps=self.record_steps, flush_every=self.flush_every, resume=resume,
+                overwrite=self.overwrite and not resume,
                 metadata={"estimator": self.estimator, "order": self.order, "rank": rank, "world_size": world_size},
             )
             tracker.sink = writer
@@ -220,33 +220,30 @@ class ShapleyConfig:
             tracker.add_step_listener(recorder)
         return Attached(tracker, writer, recorder)
 
-    def _clear_or_refuse(self, path: Path, resume: bool) -> None:
-        if resume or not (path / "meta.json").exists():
+    def _refuse_unless_allowed(self, path: Path, resume: bool) -> None:
+        """Name the adapter's own options when ``path`` holds a log it may not touch (the
+        writer replaces it with ``overwrite``)."""
+        if resume or self.overwrite or not (path / "meta.json").exists():
             return
-        if not self.overwrite:
-            raise LogError(
-                f"{path} already holds a value log from an earlier run: pass {self.owner}(..., overwrite=True) "
-                f"to replace it, {self.owner}(..., resume=True) to continue it, or another log_dir"
-            )
-        shutil.rmtree(path)
+        raise LogError(
+            f"{path} already holds a value log from an earlier run: pass {self.owner}(..., overwrite=True) "
+            f"to replace it, {self.owner}(..., resume=True) to continue it, or another log_dir"
+        )
 
 
 def _continue_from_log(tracker: ShapleyTracker, writer) -> None:
-    """Start the tracker where a resumed log ends: step counter and in-memory totals."""
+    """Start the tracker where a resumed log ends: step counter and in-memory totals.
+
+    The totals go over as they are kept, per seen id (``ids`` and rows aligned to them), so a
+    log whose ids are hashes or global row numbers costs memory per seen id, never per
+    ``max_id + 1``.
+    """
     totals = writer.totals()
-    ids = totals["ids"]
-    size = int(ids.max()) + 1 if len(ids) else 0
-    value_sum = np.zeros((size, *totals["value_sum"].shape[1:]))
-    value_sum[ids] = totals["value_sum"]
-    count = np.zeros(size, dtype=np.int64)
-    count[ids] = totals["count"]
-    group_sum = None
-    if totals.get("group_sum") is not None:
-        group_sum = np.zeros((size, totals["group_sum"].shape[1]))
-        group_sum[ids] = totals["group_sum"]
-    tensor = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
+    tensor = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    group_sum = totals.get("group_sum")
     tracker.load_state_dict({"step": writer.last_step, "values": {
-        "sum": tensor(value_sum), "count": tensor(count), "last_step": writer.last_step,
+        "ids": tensor(totals["ids"]), "sum": tensor(totals.get("value_sum", np.zeros(0))),
+        "count": tensor(totals.get("count", np.zeros(0, np.int64))), "last_step": writer.last_step,
         "group_sum": tensor(group_sum), "group_names": writer.group_names if group_sum is not None else None,
     }})
 

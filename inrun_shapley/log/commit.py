@@ -16,6 +16,10 @@ the snapshot.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,22 +34,32 @@ from inrun_shapley.log.header import read_header
 MAX_DELTAS = 64
 
 
-def open_log_dir(root: Path, resume: bool) -> dict[str, Any] | None:
+def open_log_dir(root: Path, resume: bool, overwrite: bool = False) -> dict[str, Any] | None:
     """Prepare ``root`` for writing: the validated header of an existing log (``resume``), or
     None for a new log (the directory is created).
 
+    With ``overwrite``, an existing log is first moved aside whole (one ``rename`` to a hidden
+    sibling), then deleted: a crash at any moment leaves the old log complete (at ``root`` or
+    aside), or no log, never a mix of old and new files.
+
     Raises:
-        LogError: ``root`` is a file; a log exists and ``resume`` is False; the directory holds
-            other files; the existing log's header is corrupt.
+        LogError: ``root`` is a file; a log exists and neither ``resume`` nor ``overwrite`` is
+            set; the directory holds other files; the existing log's header is corrupt.
     """
     if root.exists() and not root.is_dir():
         raise LogError(f"{root}: exists and is a file; a value log is a directory")
     if (root / META_FILE).exists() or (root / META_FILE).is_symlink():
-        if not resume:
-            raise LogError(f"{root}: a value log already exists here; pass resume=True to continue it or pick a new path")
-        header = read_header(root)
-        clean_strays(root, header)
-        return header
+        if overwrite:
+            _replace_aside(root)
+        elif not resume:
+            raise LogError(
+                f"{root}: a value log already exists here; pass resume=True to continue it, overwrite=True "
+                "to replace it, or pick a new path"
+            )
+        else:
+            header = read_header(root)
+            clean_strays(root, header)
+            return header
     if root.exists():
         others = [c.name for c in root.iterdir() if not (TMP_FILE.match(c.name) or DATA_FILE.match(c.name))]
         if others:
@@ -55,6 +69,18 @@ def open_log_dir(root: Path, resume: bool) -> dict[str, Any] | None:
         clean_strays(root, None)  # leftovers of a run killed before its first flush
     root.mkdir(parents=True, exist_ok=True)
     return None
+
+
+def _replace_aside(root: Path) -> None:
+    """Move the log at ``root`` to a hidden sibling in one rename, then delete it there."""
+    aside = root.with_name(f".{root.name}.replaced-{uuid.uuid4().hex[:12]}")
+    os.replace(root, aside)
+    fsync_dir(root.parent)
+    try:
+        shutil.rmtree(aside)
+    except OSError as exc:
+        warnings.warn(f"{root}: the replaced log could not be deleted and remains at {aside}: {exc}",
+                      RuntimeWarning, stacklevel=4)
 
 
 def write_chunk(root: Path, gen: int, stats: np.ndarray, records: np.ndarray | None) -> dict[str, Any]:

@@ -16,6 +16,32 @@ from inrun_shapley.log.format import FORMAT_NAME, FORMAT_VERSION, META_FILE, now
 from inrun_shapley.log.header import read_header
 
 NORMALIZATIONS = ("none", "step_std", "mean")
+# how each normalization reads in printed rankings
+RANKINGS = {
+    "none": "raw value sum",
+    "step_std": "per-step standardized score",
+    "mean": "mean value per appearance",
+}
+
+
+class Ranked(tuple):
+    """``(ids, scores)`` as returned by :meth:`ShapleyLog.top`, unpacking like a pair, with
+    ``ranking``: one line saying which score ranked them (see :meth:`ShapleyLog.ranking`)."""
+
+    ranking: str
+
+    def __new__(cls, ids: np.ndarray, scores: np.ndarray, ranking: str) -> "Ranked":
+        out = super().__new__(cls, (ids, scores))
+        out.ranking = ranking
+        return out
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self[0]
+
+    @property
+    def scores(self) -> np.ndarray:
+        return self[1]
 
 
 class ShapleyLog:
@@ -162,9 +188,9 @@ class ShapleyLog:
         """Per-id scores, in the sign the header's ``score`` declares.
 
         ``"step_std"`` (the default) is the sum of per-step standardized values: raw sums are
-        dominated by the first epoch because early steps have much larger values (docs/math.md,
-        "Using values for selection": label-noise AUC 0.94 vs 0.89 for raw sums). To rank by
-        helpfulness whatever the sign convention, use :meth:`helpfulness`.
+        dominated by the first epoch because early steps have much larger values (docs/math.md
+        §1.4; label-noise AUC 0.94 vs 0.89 for raw sums). To rank by helpfulness whatever the
+        sign convention, use :meth:`helpfulness`.
 
         Args:
             normalize: ``"none"`` (raw sum, the log's units), ``"step_std"`` (sum of per-step
@@ -220,25 +246,46 @@ class ShapleyLog:
             )
         return sign * self.scores(normalize, query, ids=ids)
 
-    def top(self, query: int | str | None = None, k: int = 10, *, normalize: str = "none",
-            largest: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def ranking(self, normalize: str = "step_std", query: int | str | None = None) -> str:
+        """One line naming a ranking: the score, the query column and the sign applied.
+
+        The default (``normalize="step_std"``, mean over the queries of a per-query log, times
+        ``helpful_sign``) is the one ranking :meth:`top`, :func:`inrun_shapley.prune` and
+        ``inrun-shapley report`` / ``prune`` use unless told otherwise.
+
+        Example: ``"per-step standardized score (step_std), mean over queries, times helpful_sign +1"``.
+        """
+        if normalize not in NORMALIZATIONS:
+            raise ConfigurationError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+        parts = [f"{RANKINGS.get(normalize, normalize)} ({normalize})"]
+        if self.n_queries is not None:
+            parts.append("mean over queries" if query in (None, "mean") else f"query {query}")
+        sign = self.helpful_sign
+        parts.append("helpful_sign unknown" if sign is None else f"times helpful_sign {sign:+d}")
+        return ", ".join(parts)
+
+    def top(self, query: int | str | None = None, k: int = 10, *, normalize: str = "step_std",
+            largest: bool = True) -> Ranked:
         """The k most helpful (or most harmful) seen ids for one query.
 
-        Helpfulness follows the header's ``helpful_sign``: for a log with sign -1 the most
-        helpful ids are those with the smallest scores.
+        Ranked like :func:`inrun_shapley.prune` and ``inrun-shapley report`` by default: by the
+        per-step standardized score (docs/math.md §1.4) times the header's ``helpful_sign``, so
+        for a log with sign -1 the most helpful ids are those with the smallest scores.
 
         Args:
-            query: column of a per-query log (int or ``"mean"``); None for 1-D logs.
+            query: column of a per-query log (int or ``"mean"``, required there); None for 1-D
+                logs.
             k: how many.
-            normalize: see :meth:`scores`.
+            normalize: see :meth:`scores`; ``"none"`` ranks by raw value sums.
             largest: True gives the k most helpful, False the k most harmful.
 
         Returns:
-            ``(ids, scores)``, each ``[min(k, n_seen)]``, scores as logged (the log's sign),
-            most helpful (or most harmful) first; ties by ascending id.
+            ``(ids, scores)``, each ``[min(k, n_seen)]``, scores under ``normalize`` as logged
+            (the log's sign), most helpful (or most harmful) first; ties by ascending id. The
+            pair also carries ``.ranking``, the line :meth:`ranking` gives.
 
         Raises:
-            ConfigurationError: bad ``query`` or ``k``.
+            ConfigurationError: bad ``query``, ``k`` or ``normalize``.
             LogError: the log's ``helpful_sign`` is null.
         """
         if self.n_queries is not None and query is None:
@@ -247,7 +294,7 @@ class ShapleyLog:
             raise ConfigurationError(f"k must be an int >= 0, got {k!r}")
         helpful = self.helpfulness(normalize, query, ids=self.ids, purpose="top()")
         order = np.lexsort((self.ids, -helpful if largest else helpful))[:k]
-        return self.ids[order].copy(), self.helpful_sign * helpful[order]
+        return Ranked(self.ids[order].copy(), self.helpful_sign * helpful[order], self.ranking(normalize, query))
 
     # -- export -----------------------------------------------------------------------------
 
@@ -327,4 +374,4 @@ def _select_query(base: np.ndarray, n_queries: int | None, query: int | str | No
     return base[:, int(query)]
 
 
-__all__ = ["NORMALIZATIONS", "ShapleyLog"]
+__all__ = ["NORMALIZATIONS", "RANKINGS", "Ranked", "ShapleyLog"]

@@ -42,6 +42,9 @@ class ShapleyLogWriter:
         resume: continue an existing log: totals are reloaded and steps up to its last flushed
             step are ignored when passed again. With ``resume=True`` and no log at ``path`` a
             new log is started.
+        overwrite: replace an existing log at ``path`` with a new one. The old log is moved
+            aside in one rename and then deleted, so a crash never leaves a mix of old and new
+            files. Exclusive with ``resume``.
         score_kind: what the values are (header ``score.kind``): ``"inrun_shapley"`` (default),
             ``"adjoint"``, ...
         positive_means: one line saying what a positive value means; defaults to the In-Run
@@ -50,10 +53,10 @@ class ShapleyLogWriter:
             harmful one, None if unknown (pruning and ranking then refuse the log).
 
     Raises:
-        LogError: ``path`` holds a log and ``resume`` is False; the existing log is corrupt or
-            was written with different ``n_queries`` / ``group_names`` / ``record_steps`` /
-            score description.
-        ConfigurationError: invalid arguments.
+        LogError: ``path`` holds a log and neither ``resume`` nor ``overwrite`` is set; the
+            resumed log is corrupt or was written with different ``n_queries`` /
+            ``group_names`` / ``record_steps`` / score description.
+        ConfigurationError: invalid arguments; ``resume`` and ``overwrite`` both set.
 
     Example:
         >>> import tempfile, numpy as np
@@ -76,11 +79,14 @@ class ShapleyLogWriter:
         flush_every: int = 50,
         metadata: dict[str, Any] | None = None,
         resume: bool = False,
+        overwrite: bool = False,
         score_kind: str = INRUN_SHAPLEY,
         positive_means: str | None = None,
         helpful_sign: int | None = 1,
     ) -> None:
         self.group_names = check_writer_args(n_queries, flush_every, group_names, metadata)
+        if resume and overwrite:
+            raise ConfigurationError("pass resume=True (continue the log) or overwrite=True (replace it), not both")
         if positive_means is None and score_kind != INRUN_SHAPLEY:
             raise ConfigurationError(f"score_kind={score_kind!r} needs positive_means=<what a positive value means>")
         self.score = score_description(score_kind, positive_means or INRUN_POSITIVE_MEANS, helpful_sign)
@@ -97,7 +103,7 @@ class ShapleyLogWriter:
         self._resumed_at: int | None = None
         self._totals: IdAccumulator | None = None  # everything added, flushed or not
         self._delta: IdAccumulator | None = None  # added since the last commit
-        header = open_log_dir(self.path, resume)
+        header = open_log_dir(self.path, resume, overwrite)
         if header is None:
             self._header: dict[str, Any] = {
                 "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "library_version": library_version(),
