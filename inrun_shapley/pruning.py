@@ -5,9 +5,18 @@ indexed with, so ``subset(dataset, prune(log, fraction=0.2))`` is the pruned dat
 
 Ranking uses :meth:`ShapleyLog.helpfulness`: the log's scores with ``normalize="step_std"`` by
 default (per-step standardized sums; raw sums are dominated by the first epoch, docs/math.md
-"Using values for selection"), times the ``helpful_sign`` its header declares, so that higher
-= more valuable whatever the log holds (In-Run Shapley values: +1; adjoint influence on a
-loss: -1). A log whose sign is unknown (null) is refused. The least helpful samples are dropped.
+§1.4), times the ``helpful_sign`` its header declares, so that higher = more valuable whatever
+the log holds (In-Run Shapley values: +1; adjoint influence on a loss: -1). It is the default
+ranking of :meth:`ShapleyLog.top` and of ``inrun-shapley report`` too (:meth:`ShapleyLog.ranking`
+names it). A log whose sign is unknown (null) is refused. The least helpful samples are dropped.
+
+When to balance classes: on a training set with label noise, the lowest values mark the
+mislabeled samples wherever they are, and a plain cut removes them. On a *clean* training set
+the lowest values mark the easiest or most redundant samples, which cluster in a few classes:
+a plain cut can then empty or thin those classes and do worse than random pruning. Pass
+``class_balanced=True`` (CLI ``--class-balanced``) there, to drop the fraction within each
+class. Given ``labels``, :func:`prune` warns (:class:`ClassSkewWarning`) when a plan drops more
+than twice the overall fraction from some class or empties one.
 
 Example:
     >>> import numpy as np
@@ -21,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Any
 
 import numpy as np
@@ -30,6 +40,11 @@ from inrun_shapley.log import NORMALIZATIONS, ShapleyLog
 from inrun_shapley.log.accumulator import dense_allowed
 
 UNSEEN_POLICIES = ("keep", "drop")
+SKEW_FACTOR = 2.0  # a class losing more than this times the overall fraction is reported
+
+
+class ClassSkewWarning(UserWarning):
+    """A pruning plan removes far more of some class than overall, or all of it."""
 
 
 def _check_fraction(fraction: Any) -> float | None:
@@ -102,6 +117,52 @@ def _universe(ids: Any, seen: np.ndarray, size: int | None, unseen: str, what: s
     return universe
 
 
+def _labels_of(labels: Any, cand: np.ndarray) -> np.ndarray:
+    """The checked label array (indexed by id) covering every candidate id."""
+    lab = np.asarray(labels)
+    if lab.ndim != 1:
+        raise ConfigurationError(f"labels must be 1-D indexed by id, got shape {lab.shape}")
+    if cand.size and lab.shape[0] <= cand.max():
+        raise ConfigurationError(f"labels has {lab.shape[0]} entries but ids up to {int(cand.max())} are scored")
+    return lab
+
+
+def _warn_if_skewed(lab: np.ndarray, cand: np.ndarray, drop_mask: np.ndarray, kept_unseen: np.ndarray,
+                    class_balanced: bool, drop_negative: bool) -> None:
+    """Warn when the plan drops more than ``SKEW_FACTOR`` times the overall fraction of the
+    scored ids of some class, or leaves a class with no id at all."""
+    n_drop = int(drop_mask.sum())
+    if n_drop == 0:
+        return
+    overall = n_drop / cand.shape[0]
+    cand_labels = lab[cand]
+    classes, n_class = np.unique(cand_labels, return_counts=True)
+    d_class = np.bincount(np.searchsorted(classes, cand_labels[drop_mask]), minlength=classes.shape[0])
+    unseen_labels = lab[kept_unseen[kept_unseen < lab.shape[0]]]
+    emptied = (d_class == n_class) & ~np.isin(classes, unseen_labels)
+    skewed = d_class > SKEW_FACTOR * overall * n_class
+    bad = np.flatnonzero(emptied | skewed)
+    if bad.size == 0:
+        return
+    shown = [
+        f"class {classes[j]!s}: {d_class[j]} of {n_class[j]}" + (" (emptied)" if emptied[j] else "")
+        for j in bad[np.argsort(-(d_class[bad] / n_class[bad]), kind="stable")][:8]
+    ]
+    more = f" and {bad.size - 8} more" if bad.size > 8 else ""
+    if not class_balanced:
+        hint = ("pass class_balanced=True to drop the same fraction within each class (recommended on a "
+                "clean training set, where the lowest values cluster in a few classes)")
+    elif drop_negative:
+        hint = "drop_negative=True drops every harmful sample whatever its class; leave it off to keep the balance"
+    else:
+        hint = "these classes have too few scored samples for an even split at this fraction"
+    warnings.warn(
+        f"pruning drops {n_drop} of {cand.shape[0]} scored samples ({overall:.1%}) but "
+        f"{'; '.join(shown)}{more}: {hint}",
+        ClassSkewWarning, stacklevel=3,
+    )
+
+
 def _lowest(ids: np.ndarray, scores: np.ndarray, n_drop: int) -> np.ndarray:
     """The ``n_drop`` ids with the lowest score; ties dropped in ascending id order."""
     if n_drop <= 0:
@@ -139,9 +200,13 @@ def prune(
             ``fraction``).
         normalize: ``"step_std"`` (recommended), ``"none"`` or ``"mean"``; see
             :meth:`ShapleyLog.scores`. Ignored for score arrays.
-        labels: ``[>= n_ids]`` class label per id (indexed by id), for ``class_balanced``.
+        labels: ``[> largest scored id]`` class label per id (indexed by id). Used by
+            ``class_balanced``, and to warn (:class:`ClassSkewWarning`) when the plan drops more
+            than twice the overall fraction of some class's scored ids or removes every id of a
+            class. Without labels nothing is checked.
         class_balanced: apply ``fraction`` / ``keep_top`` within each class
-            (``keep_top`` then keeps that many per class).
+            (``keep_top`` then keeps that many per class). Recommended on a clean training set
+            (see the module docstring); leave it off to remove label noise.
         ids: the full set of dataset ids (array), or an int ``n`` for ``range(n)``; ``n``
             must exceed the largest scored id (a smaller ``n`` means the scores belong to
             another dataset, and is refused). Without it the universe is
@@ -156,10 +221,15 @@ def prune(
 
     Raises:
         ConfigurationError: bad ``fraction``, ``keep_top``, ``normalize``, ``unseen``, no
-            pruning rule given, or ``class_balanced`` without usable ``labels``.
+            pruning rule given, ``class_balanced`` without ``labels``, or ``labels`` not 1-D
+            or too short for the scored ids.
         SampleIdError: negative or duplicated ``ids``; ``ids=n`` not above the largest
             scored id; no ``ids`` for a log with sparse ids and ``unseen="keep"``.
         LogError: the log's score description has ``helpful_sign`` null.
+
+    Warns:
+        ClassSkewWarning: given ``labels``, the plan drops more than twice the overall fraction
+            from some class or empties one; the message names the classes.
     """
     frac = _check_fraction(fraction)
     if keep_top is not None and (
@@ -188,14 +258,7 @@ def prune(
         if class_balanced:
             if labels is None:
                 raise ConfigurationError("class_balanced=True needs labels (indexed by id)")
-            lab = np.asarray(labels)
-            if lab.ndim != 1:
-                raise ConfigurationError(f"labels must be 1-D indexed by id, got shape {lab.shape}")
-            if cand.size and lab.shape[0] <= cand.max():
-                raise ConfigurationError(
-                    f"labels has {lab.shape[0]} entries but ids up to {int(cand.max())} are scored"
-                )
-            cand_labels = lab[cand]
+            cand_labels = _labels_of(labels, cand)[cand]
             groups = [np.flatnonzero(cand_labels == c) for c in np.unique(cand_labels)]
         else:
             groups = [np.arange(cand.shape[0])]
@@ -210,6 +273,9 @@ def prune(
     keep = [cand[~drop_mask]]
     if unseen == "keep":
         keep.append(universe[~is_seen])
+    if labels is not None and cand.size:
+        _warn_if_skewed(_labels_of(labels, cand), cand, drop_mask, keep[1] if len(keep) > 1 else cand[:0],
+                        class_balanced, drop_negative)
     return np.sort(np.concatenate(keep)).astype(np.int64)
 
 
@@ -239,4 +305,4 @@ def subset(dataset: Any, keep_ids: Any):
     return Subset(dataset, keep.tolist())
 
 
-__all__ = ["prune", "subset", "UNSEEN_POLICIES"]
+__all__ = ["ClassSkewWarning", "prune", "subset", "UNSEEN_POLICIES"]

@@ -165,3 +165,66 @@ def test_ids_count_below_the_largest_scored_id_refused(tmp_path):
     with pytest.raises(SampleIdError, match="up to 3"):
         prune(np.array([0.1, NAN, 0.2, 0.3, NAN]), fraction=0.5, ids=3)
     assert prune(np.array([0.1, NAN, 0.2, 0.3, NAN]), fraction=0.0, ids=4).tolist() == [0, 1, 2, 3]
+
+
+# -- class skew: a plan that thins or empties a class is reported when labels are known ------
+
+def _clean_like_scores():
+    """30 samples of 3 classes; the lowest scores all sit in class 0 (as on a clean dataset,
+    where the easiest samples cluster in a few classes)."""
+    labels = np.repeat([0, 1, 2], 10)
+    scores = np.concatenate([np.linspace(-1.0, -0.1, 10), np.linspace(0.1, 1.0, 10), np.linspace(0.2, 1.1, 10)])
+    return scores, labels
+
+
+def test_skewed_plan_warns_naming_classes_and_balance_option():
+    from inrun_shapley.pruning import ClassSkewWarning
+
+    scores, labels = _clean_like_scores()
+    with pytest.warns(ClassSkewWarning) as caught:
+        keep = prune(scores, fraction=1 / 3, labels=labels)
+    assert not np.isin(np.arange(10), keep).any()  # the plan drops all of class 0
+    (w,) = caught
+    text = str(w.message)
+    assert "class 0: 10 of 10 (emptied)" in text and "class 1" not in text and "class 2" not in text
+    assert "10 of 30 scored samples (33.3%)" in text and "class_balanced=True" in text
+
+
+def test_thinned_class_warns_without_being_emptied():
+    from inrun_shapley.pruning import ClassSkewWarning
+
+    scores, labels = _clean_like_scores()
+    with pytest.warns(ClassSkewWarning, match=r"class 0: 6 of 10: pass class_balanced=True"):
+        prune(scores, fraction=0.2, labels=labels)  # 6 of 30 overall (20%), 60% of class 0
+
+
+def test_no_warning_when_balanced_without_labels_or_when_even(recwarn):
+    scores, labels = _clean_like_scores()
+    keep = prune(scores, fraction=1 / 3, labels=labels, class_balanced=True)
+    assert [int(np.isin(np.flatnonzero(labels == c), keep).sum()) for c in range(3)] == [7, 7, 7]
+    prune(scores, fraction=1 / 3)  # same skewed plan, labels unknown: nothing said
+    even = np.tile([0.5, -0.5, 0.1], 10)  # every class loses the same share
+    prune(np.arange(30, dtype=float), fraction=0.5, labels=np.arange(30) % 3)
+    prune(even, fraction=0.3, labels=np.arange(30) // 10)
+    prune(scores, fraction=0.0, labels=labels)  # nothing dropped
+    assert [str(w.message) for w in recwarn] == []
+
+
+def test_unseen_ids_kept_keep_a_class_from_being_emptied():
+    from inrun_shapley.pruning import ClassSkewWarning
+
+    scores, labels = _clean_like_scores()
+    scores[0] = NAN  # id 0 (class 0) never seen: kept by default
+    with pytest.warns(ClassSkewWarning) as caught:
+        prune(scores, fraction=0.35, labels=labels)
+    assert "class 0: 9 of 9:" in str(caught[0].message) and "emptied" not in str(caught[0].message)
+    with pytest.warns(ClassSkewWarning, match=r"class 0: 9 of 9 \(emptied\)"):
+        prune(scores, fraction=0.35, labels=labels, unseen="drop")
+
+
+def test_drop_negative_with_balance_warns_about_drop_negative():
+    from inrun_shapley.pruning import ClassSkewWarning
+
+    scores, labels = _clean_like_scores()
+    with pytest.warns(ClassSkewWarning, match="drop_negative=True drops every harmful sample"):
+        prune(scores, fraction=0.1, drop_negative=True, labels=labels, class_balanced=True)

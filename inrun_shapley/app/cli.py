@@ -74,9 +74,16 @@ def _prune_arguments(p: argparse.ArgumentParser) -> None:
         "--n-ids", type=int, help="dataset size, so never-seen ids above the log's max are kept"
     )
     p.add_argument("--unseen", choices=("keep", "drop"), default="keep", help="never-seen ids")
-    p.add_argument("--labels", help="labels indexed by id (.npy or text) for --class-balanced")
     p.add_argument(
-        "--class-balanced", action="store_true", help="drop the fraction within each class"
+        "--labels",
+        help="labels indexed by id (.npy or text): for --class-balanced, and to warn when the plan "
+        "drops over twice the overall fraction of a class or empties one",
+    )
+    p.add_argument(
+        "--class-balanced",
+        action="store_true",
+        help="drop the fraction within each class (recommended on a clean dataset, whose "
+        "lowest-valued samples cluster in a few classes)",
     )
 
 
@@ -96,26 +103,43 @@ def _check_prune_arguments(args: argparse.Namespace) -> None:
 
 
 def _prune_run(args: argparse.Namespace) -> int:
+    import warnings
+
     from inrun_shapley.log import ShapleyLog
+    from inrun_shapley.log.accumulator import dense_allowed
     from inrun_shapley.pruning import prune
 
     _check_prune_arguments(args)
     log = ShapleyLog.load(args.log, progress=True)
+    dense = dense_allowed(log.max_id, log.ids.size)
+    if not dense and args.unseen == "keep" and args.n_ids is None:
+        raise UsageError(
+            f"{args.log} has sparse ids (largest {log.max_id}, {log.ids.size} seen), so the ids it never saw "
+            "cannot be listed: pass --unseen drop to write the kept seen ids, or --n-ids N if the dataset's "
+            "ids are 0..N-1"
+        )
     labels = read_ids(args.labels, "--labels") if args.labels else None
-    keep = prune(
-        log,
-        fraction=args.fraction,
-        drop_negative=args.drop_negative,
-        keep_top=args.keep_top,
-        normalize=args.normalize,
-        labels=labels,
-        class_balanced=args.class_balanced,
-        ids=args.n_ids,
-        unseen=args.unseen,
-    )
-    total = args.n_ids if args.n_ids is not None else log.counts.shape[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        keep = prune(
+            log,
+            fraction=args.fraction,
+            drop_negative=args.drop_negative,
+            keep_top=args.keep_top,
+            normalize=args.normalize,
+            labels=labels,
+            class_balanced=args.class_balanced,
+            ids=args.n_ids,
+            unseen=args.unseen,
+        )
+    for w in caught:
+        print(f"warning: {_one_line(w.message)}", file=sys.stderr)
+    total = args.n_ids if args.n_ids is not None else (log.max_id + 1 if dense else log.ids.size)
     out = write_ids(args.out, keep)
-    print(f"kept {keep.size} of {total} ids ({total - keep.size} dropped) -> {out}")
+    print(
+        f"kept {keep.size} of {total} ids ({total - keep.size} dropped) -> {out}\n"
+        f"ranked by {log.ranking(args.normalize, 'mean')} (lowest helpfulness dropped first)"
+    )
     return 0
 
 

@@ -1,9 +1,13 @@
 """``inrun-shapley report``: summarize a value log, rank its samples, plot and export them.
 
-The ranking is the log's per-sample score under ``--normalize`` (default ``step_std``: the sum of
-the sample's per-step values, each step standardized by that step's spread), averaged over the
-queries of a per-query log, or of one query with ``--query Q``. The printed summary says which
-score ranks the tables, since :meth:`ShapleyLog.top` ranks raw sums by default.
+The ranking is the log's helpfulness (:meth:`ShapleyLog.helpfulness`): its per-sample score
+under ``--normalize`` (default ``step_std``: the sum of the sample's per-step values, each step
+standardized by that step's spread, docs/math.md §1.4) times the ``helpful_sign`` the log
+declares, so higher = more helpful whatever the log holds (In-Run Shapley values: +1; adjoint
+influence on a loss: -1). It is averaged over the queries of a per-query log, or taken for one
+query with ``--query Q``. This is the default ranking of :meth:`ShapleyLog.top` and of
+``prune`` too; the printed summary names it. A log whose ``helpful_sign`` is null is refused.
+Everything is read per seen id, so logs with sparse ids (hashes, global row numbers) work.
 """
 
 from __future__ import annotations
@@ -16,13 +20,6 @@ from inrun_shapley.app._cli_common import UsageError, read_ids
 
 if TYPE_CHECKING:
     import numpy as np
-
-# how each --normalize choice reads in the printed summary
-RANKINGS = {
-    "none": "raw value sum",
-    "step_std": "per-step standardized score",
-    "mean": "mean value per appearance",
-}
 
 
 def report_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,8 +79,8 @@ def write_csv(path: str | Path, ids, score, raw, counts) -> Path:
 
     Args:
         path: the CSV file (its folder is created).
-        ids: ``[n]`` sample ids; score, raw: ``[n]`` ranking score and raw value sum; counts:
-            ``[n]`` appearances.
+        ids: ``[n]`` sample ids; score: ``[n]`` ranking score (helpfulness: higher = more
+            helpful); raw: ``[n]`` raw value sum as logged; counts: ``[n]`` appearances.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,13 +102,12 @@ def report_run(args: argparse.Namespace) -> int:
     column = _column(log, args)
     h = log.header
     ids = log.ids
-    raw = log.scores("none", query=column)[ids]
-    std = log.scores("step_std", query=column)[ids]
-    rank = log.scores(args.normalize, query=column)[ids]
-    counts = log.counts[ids]
-    which = "mean over queries" if column == "mean" and log.n_queries else (
-        f"query {column}" if column != "mean" else "")
-    ranking = f"{RANKINGS.get(args.normalize, args.normalize)} ({args.normalize})" + (f", {which}" if which else "")
+    rank = log.helpfulness(args.normalize, query=column, ids=ids, purpose="report")
+    raw = log.scores("none", query=column, ids=ids)
+    std = log.scores("step_std", query=column, ids=ids)
+    totals = log.totals()
+    counts = totals["count"]
+    ranking = log.ranking(args.normalize, column)
     rows: list[tuple[str, str]] = [
         ("log", str(args.log)),
         ("format version", str(h.get("format_version"))),
@@ -122,12 +118,13 @@ def report_run(args: argparse.Namespace) -> int:
                      if log.n_queries else "1 (mean loss)")),
         ("per-step records", "yes" if log.steps is not None else "no"),
         ("step std", f"{h.get('std_source')} ({h.get('degenerate_steps', 0)} degenerate steps)"),
-        ("ranked by", ranking),
+        ("ranked by", ranking + " (higher = more helpful)"),
+        ("score meaning", f"{log.score['kind']}: positive = {log.score['positive_means']}"),
     ]
     rows += _stats_rows("value (raw)", raw)
     rows += _stats_rows("value (step_std)", std)
-    if log.group_values is not None:
-        sums = log.group_values[ids].sum(axis=0)
+    if totals.get("group_sum") is not None:
+        sums = totals["group_sum"].sum(axis=0)
         for name, s in zip(log.group_names or [], sums):
             rows.append((f"group {name}", f"sum {_fmt(float(s))}"))
     marked = np.isin(ids, marked_ids) if marked_ids is not None else None
@@ -142,20 +139,21 @@ def report_run(args: argparse.Namespace) -> int:
     if ids.size and args.top:
         order = np.lexsort((ids, -rank))
         k = min(args.top, ids.size)
+        w = max(10, len(str(int(ids[-1]))))
         for title, sel in (("most valuable", order[:k]), ("least valuable", order[::-1][:k][::-1])):
             print(f"\n{title} (ranked by {ranking}):")
-            print(f"  {'id':>10}  {'score':>11}  {'raw value':>11}  {'count':>6}")
+            print(f"  {'id':>{w}}  {'helpful':>11}  {'raw value':>11}  {'count':>6}")
             for j in sel:
-                print(f"  {int(ids[j]):>10}  {rank[j]:>11.4g}  {raw[j]:>11.4g}  {int(counts[j]):>6}")
+                print(f"  {int(ids[j]):>{w}}  {rank[j]:>11.4g}  {raw[j]:>11.4g}  {int(counts[j]):>6}")
 
     if args.csv:
         print(f"\nwrote {write_csv(args.csv, ids, rank, raw, counts)} (score: {ranking})")
     if args.out:
-        _plots(log, ids, rank, marked, args)
+        _plots(log, ids, rank, marked, ranking, args)
     return 0
 
 
-def _plots(log, ids, rank, marked, args: argparse.Namespace) -> None:
+def _plots(log, ids, rank, marked, ranking: str, args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
     from inrun_shapley.app import plots
@@ -169,7 +167,7 @@ def _plots(log, ids, rank, marked, args: argparse.Namespace) -> None:
             rank,
             out / "value_histogram.png",
             groups=groups,
-            xlabel=f"value ({args.normalize}; positive = reduced validation loss)",
+            xlabel=f"helpfulness ({ranking}; higher = more helpful)",
         ),
         lambda: plots.plot_cumulative_value(rank, out / "cumulative_value.png"),
         lambda: plots.plot_step_values(steps, totals, out / "step_values.png"),

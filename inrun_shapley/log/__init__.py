@@ -8,7 +8,7 @@ for ranking, and :func:`merge_logs` merges the per-rank logs of a distributed ru
 Sign and units are declared by each log (the header's ``score`` description). In-Run Shapley
 logs (the default): a value is positive when the sample's presence in the step *reduced* the
 validation loss; values include the learning rate, so they are in units of validation loss
-(docs/math.md, "Sign and scale"). Other scores (the adjoint pass) declare their own meaning and
+(docs/math.md §1.3). Other scores (the adjoint pass) declare their own meaning and
 a ``helpful_sign`` that pruning and ranking use.
 
 Layout of the package: :mod:`~inrun_shapley.log.fields` (declared fields, one reduction each),
@@ -36,13 +36,14 @@ from inrun_shapley.log.accumulator import IdAccumulator
 from inrun_shapley.log.format import FORMAT_VERSION
 from inrun_shapley.log.merge import merge_logs
 from inrun_shapley.log.moments import combine_moments, step_moments, step_scale
-from inrun_shapley.log.reader import NORMALIZATIONS, ShapleyLog
+from inrun_shapley.log.reader import NORMALIZATIONS, RANKINGS, ShapleyLog
 from inrun_shapley.log.writer import ShapleyLogWriter
 
 __all__ = [
     "FORMAT_VERSION",
     "IdAccumulator",
     "NORMALIZATIONS",
+    "RANKINGS",
     "ShapleyLog",
     "ShapleyLogWriter",
     "combine_moments",

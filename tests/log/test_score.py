@@ -37,9 +37,9 @@ def test_helpful_sign_minus_one_prunes_the_high_scores(tmp_path):
     assert prune(log, fraction=0.4, normalize="none").tolist() == [0, 2, 4]
     assert prune(log, drop_negative=True, normalize="none").tolist() == [0, 2, 4]  # helpfulness < 0
     assert prune(log, keep_top=1, normalize="none").tolist() == [0]
-    ids, scores = log.top(k=2)
+    ids, scores = log.top(k=2, normalize="none")
     assert ids.tolist() == [0, 2] and scores.tolist() == [-0.3, -0.1]  # scores as logged
-    ids, scores = log.top(k=1, largest=False)
+    ids, scores = log.top(k=1, largest=False, normalize="none")
     assert ids.tolist() == [1] and scores.tolist() == [0.9]
     np.testing.assert_array_equal(log.helpfulness("none"), -np.asarray(values))
     # the same numbers under the default sign keep the opposite samples
