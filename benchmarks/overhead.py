@@ -188,7 +188,7 @@ class Tracked(Variant):
         with self.tracker.batch(ids):
             self.loss(self.model, x, y).mean().backward()
         self.opt.step()
-        self.values = self.tracker.store.records[-1][2] if self.tracker.store.records else None
+        self.values = None if self.tracker.store.last_record is None else self.tracker.store.last_record[2]
 
 
 class ValidationOnly(Variant):

@@ -3,7 +3,7 @@
 The utility of a subset S of the batch is the validation-loss decrease of the step the real
 optimizer would take from the same state if only S's contributions were in the gradient (with
 Adam, the second moment then depends on S too). Exact Shapley values come from enumerating all
-2^8 subsets (DESIGN.md §5).
+2^8 subsets (docs/math.md §11).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def fidelity(estimator_orders, opt_factory, warmup=5, checks=4, seed=0):
         opt.zero_grad()
         if step >= warmup:
             for key, tr in trackers.items():
-                results[key].append(pearson(tr.store.records[-1][2], exact))
+                results[key].append(pearson(tr.store.last_record[2], exact))
     for tr in trackers.values():
         tr.detach()
     return {key: float(np.mean(v)) for key, v in results.items()}

@@ -94,7 +94,7 @@ def run_side_by_side(make_opt, loss_fn=row_losses, steps=3, estimator="shapley",
             ], dim=1)
         opt.step()
         opt.zero_grad()
-        out.append((torch.as_tensor(exact.store.records[-1][2]), torch.as_tensor(ghost.store.records[-1][2]), brute))
+        out.append((torch.as_tensor(exact.store.last_record[2]), torch.as_tensor(ghost.store.last_record[2]), brute))
     assert [r.path for r in ghost.query_plan] == ["ghost", "ghost", "exact", "ghost"]
     exact.detach()
     ghost.detach()
@@ -192,7 +192,7 @@ def test_rank_one_factorization_is_exact_on_rank_one_and_adafactor_like_otherwis
 
 
 def test_query_activations_are_not_summed_over_samples():
-    # The DESIGN.md §2 pitfall: with 2 query samples, summing their activations before the
+    # The docs/math.md §5.1 pitfall: with 2 query samples, summing their activations before the
     # outer product gives a different (wrong) number than the sum of their own gradients.
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 2, generator=g)

@@ -41,7 +41,7 @@ def test_per_query_values_equal_brute_force(opt_name, order):
         ], dim=1)
         opt.step()
         opt.zero_grad()
-        got = torch.as_tensor(tr.store.records[-1][2])
+        got = torch.as_tensor(tr.store.last_record[2])
         assert got.shape == (6, 4)
         assert oracles.relative_error(got, ref) <= 1e-4
     assert tr.values.shape[1] == 4
@@ -65,8 +65,8 @@ def test_per_token_queries_sum_to_the_row_query():
         tr.after_backward()
         tr.end_batch()
     opt.step()
-    tokens = per_token.store.records[-1][2]
-    rows = per_row.store.records[-1][2]
+    tokens = per_token.store.last_record[2]
+    rows = per_row.store.last_record[2]
     assert tokens.shape == (4, 12) and rows.shape == (4, 3)
     assert oracles.relative_error(tokens.reshape(4, 3, 4).sum(-1), rows) <= 1e-5
 

@@ -1,5 +1,5 @@
 """The tracker's per-step values equal brute force (torch.func per-sample gradients + the
-DESIGN.md §2 formulas) for a model mixing every capture rule, under every supported optimizer."""
+docs/math.md §2 formulas) for a model mixing every capture rule, under every supported optimizer."""
 
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ def run_and_compare(opt_name, order=1, estimator="shapley", steps=3, clip=None, 
         opt.zero_grad()
         if sched is not None:
             sched.step()  # the next step's lr differs; the snapshot above read this step's
-        got = torch.as_tensor(tracker.store.records[-1][2])
+        got = torch.as_tensor(tracker.store.last_record[2])
         errors.append(oracles.relative_error(got, ref))
     tracker.detach()
     return errors
