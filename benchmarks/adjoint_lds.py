@@ -1,4 +1,4 @@
-"""LDS of the adjoint pass (DESIGN.md §2b) on the digits-MLP harness, next to one-step in-run values
+"""LDS of the adjoint pass (docs/math.md §8) on the digits-MLP harness, next to one-step in-run values
 and the peers, with time, memory and recording size.
 
 Run::

@@ -125,7 +125,7 @@ def main(argv=None) -> None:
     scale = 4 if args.quick else 1
     settings = {
         "defaults (eps=1e-4, nbeta=B/logB, gamma=1e3, 4x200)": BIFConfig(),
-        "DESIGN tuned (eps=2e-3, nbeta=50, gamma=20, 4x1000)": BIFConfig(
+        "prototype tuned (eps=2e-3, nbeta=50, gamma=20, 4x1000)": BIFConfig(
             step_size=2e-3, n_beta=50.0, gamma=20.0, draws=1000 // scale),
         "large gamma (eps=2e-4, nbeta=50, gamma=1e3, 4x500, thin 2)": BIFConfig(
             step_size=2e-4, n_beta=50.0, gamma=1e3, draws=500 // scale, thin=2),

@@ -1,4 +1,4 @@
-"""LDS harness: one cached digits setup that every attribution method is judged on (DESIGN.md §5).
+"""LDS harness: one cached digits setup that every attribution method is judged on (docs/math.md §11).
 
 What it builds (``build_setup``):
 

@@ -1,4 +1,4 @@
-"""Attribution quality on the LDS harness: every registered method, one table (DESIGN.md §5).
+"""Attribution quality on the LDS harness: every registered method, one table (docs/math.md §11).
 
 Run::
 

@@ -1,5 +1,5 @@
 """Ghost forms of ``nn.Linear`` and ``nn.Embedding``: pairwise dot products of two samples'
-gradients without forming either gradient (docs/math.md §2, "Ghost dot products").
+gradients without forming either gradient (docs/math.md §5.1).
 
 For a layer whose weight gradient is a sum of outer products, the dot product of a training
 sample's contribution ``c_i`` with a query sample's gradient ``g_q`` needs neither of them:

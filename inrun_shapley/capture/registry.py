@@ -11,7 +11,7 @@ where ``n`` runs over the first dimension of the captured tensors ("rows": sampl
 samples x positions when the model flattened a sequence into the batch dimension), ``p`` over
 the module's tracked parameters and ``q`` over the directions. No per-sample gradient is
 materialized for large parameters: the dot product is one extra forward of the layer with
-weight ``M`` (DESIGN.md §2).
+weight ``M`` (docs/math.md §4.1).
 
 Adding a layer kind is adding one small subclass of :class:`CaptureRule` decorated with
 :func:`register_rule`.

@@ -63,7 +63,7 @@ Cost per step: one forward, one double-backward over the batch (batched over the
 
 **Gradient clipping.** When the recorded gradient norm differs from the one ``loss_fn`` gives
 on the recorded batch by more than 0.1 %, the contributions and the Hessian term are scaled by
-the ratio ``κ`` (the clipping factor, held fixed as in docs/math.md §2) with a warning; replayed
+the ratio ``κ`` (the clipping factor, held fixed as in docs/math.md §7) with a warning; replayed
 recordings (``every > 1``) refuse such runs.
 """
 
