@@ -34,6 +34,18 @@ def per_sample_grads(model: nn.Module, loss_of_row: Callable, rows: tuple) -> di
     return vmap(grad(one), in_dims=(None,) + (0,) * len(rows))(params, *rows)
 
 
+def per_sample_grads_loop(model: nn.Module, loss_of_row: Callable, rows: tuple) -> dict[str, torch.Tensor]:
+    """:func:`per_sample_grads` one row at a time (``torch.func.grad`` per row, no ``vmap``): for
+    modules without batching rules (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``)."""
+    params = trainable(model)
+    b = rows[0].shape[0]
+    per_row = []
+    for i in range(b):
+        row = tuple(r[i : i + 1] for r in rows)
+        per_row.append(grad(lambda p: loss_of_row(lambda *a: functional_call(model, p, a), *row))(params))
+    return {n: torch.stack([g[n] for g in per_row]) for n in params}
+
+
 def loss_grad(model: nn.Module, loss_fn: Callable[[Callable], torch.Tensor], params=None) -> dict[str, torch.Tensor]:
     """Gradient of ``loss_fn(forward)`` at ``params`` (default: the model's current ones)."""
     params = trainable(model) if params is None else params
@@ -111,7 +123,7 @@ def make_step(kind: str, snap: dict, theta: dict, g_full: dict, frozen: bool) ->
 
 # ----------------------------------------------------------------- reference values
 def reference_values(step_fn, theta, contributions, g_val, order=1, hvp_fn=None) -> torch.Tensor:
-    """DESIGN.md §2 values from a (fixed-state) step function and per-sample contributions.
+    """docs/math.md §2 values from a (fixed-state) step function and per-sample contributions.
 
     ``phi_i = -<g_v, δ_i> - δ_iᵀ H (d0 + ½ Σ_j δ_j)`` (second term only for ``order=2``), with
     ``δ_i = step({c_i}) - step(∅)`` and ``d0 = step(∅) - θ``.
@@ -168,9 +180,37 @@ def relative_error(got, ref) -> float:
     return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
-def per_sample_direction_dots(model: nn.Module, loss_of_row: Callable, rows: tuple, directions: dict) -> torch.Tensor:
+def per_sample_direction_dots(model: nn.Module, loss_of_row: Callable, rows: tuple, directions: dict,
+                              loop: bool = False) -> torch.Tensor:
     """``[B]``: each row's gradient (``torch.func`` per-sample gradients) dotted with ``directions``
-    (``{param name: tensor of the parameter's shape}``; parameters not named count zero)."""
-    grads = per_sample_grads(model, loss_of_row, rows)
+    (``{param name: tensor of the parameter's shape}``; parameters not named count zero).
+    ``loop``: one row at a time (:func:`per_sample_grads_loop`)."""
+    grads = (per_sample_grads_loop if loop else per_sample_grads)(model, loss_of_row, rows)
     b = next(iter(grads.values())).shape[0]
     return torch.stack([sum((grads[k][i] * directions[k]).sum() for k in directions) for i in range(b)])
+
+
+def reference_midpoint(step_fn_real, g_full, contributions, val_grad_at) -> torch.Tensor:
+    """The midpoint rule from its definition (docs/math.md §3): with ``Δ`` the real update as a
+    function of the gradient (``step_fn_real(g) = θ_t + Δ(g)``), ``G = g_full``,
+
+        ``φ_i = -<∇L_val(θ_t + Δ(G/2)), J_Δ(G/2)·c_i>``,
+
+    the Jacobian-vector product by forward-mode autograd through the update.
+
+    Args:
+        step_fn_real: ``{name: g} -> {name: θ_next}`` (the real optimizer step from its pre-step
+            state, e.g. ``make_step(kind, snap, theta, None, frozen=False)``).
+        g_full: ``{name: G}`` the gradient the optimizer used.
+        contributions: ``{name: [B, *shape]}`` per-sample contributions (summing to ``G``).
+        val_grad_at: ``{name: θ} -> {name: ∇L_val(θ)}``.
+    """
+    half = {n: g / 2 for n, g in g_full.items()}
+    g_half = val_grad_at(step_fn_real(half))
+    b = next(iter(contributions.values())).shape[0]
+    vals = []
+    for i in range(b):
+        _, tangent = jvp(step_fn_real, (half,), ({n: c[i] for n, c in contributions.items()},))
+        tangent = {n: torch.nan_to_num(v, nan=0.0) for n, v in tangent.items()}
+        vals.append(-dot(g_half, tangent))
+    return torch.stack(vals).detach()

@@ -19,7 +19,8 @@ def test_per_query_values_equal_brute_force(opt_name, order):
     make_opt, kind = OPTIMIZERS[opt_name]
     opt = make_opt(model.parameters())
     queries = make_data(4, 100)
-    tr = ShapleyTracker(model, opt, val_data=queries, val_loss_fn=val_loss_fn, per_query=True, order=order)
+    tr = ShapleyTracker(model, opt, val_data=queries, val_loss_fn=val_loss_fn, per_query=True, order=order,
+                        estimator="shapley")
     for step in range(3):
         img, tokens, y = make_data(6, step)
         with tr.batch(torch.arange(6) + 10 * step):
@@ -72,7 +73,7 @@ def test_per_token_queries_sum_to_the_row_query():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"order": 2, "query_path": "ghost"}, "second-order per-query values take the exact path"),
+    ({"order": 2, "query_path": "ghost", "estimator": "shapley"}, "second-order per-query values take the exact path"),
     ({"val_sample_size": 2}, "use every query at every step"),
     ({"group_values": True}, "group_values are kept for the mean validation loss"),
 ])

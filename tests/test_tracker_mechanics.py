@@ -84,7 +84,7 @@ def test_tied_weights_count_each_use():
         logits = m(t[:, :-1])
         return F.cross_entropy(logits.transpose(1, 2), t[:, 1:], reduction="none").mean(1)
 
-    tr = ShapleyTracker(model, opt, val_data=val_t, val_loss_fn=lm_rows)
+    tr = ShapleyTracker(model, opt, val_data=val_t, val_loss_fn=lm_rows, estimator="shapley")
     ref = sgd_reference(
         model, lambda f, t: lm_rows(f, t).mean(), (tokens,), lambda f: lm_rows(f, val_t).mean(), 0.1, 5
     )
@@ -138,7 +138,7 @@ def test_dropout_inside_a_custom_module_is_replayed():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(5, 4), torch.randn(5, 1)
     val = (torch.randn(3, 4), torch.randn(3, 1))
-    tr = ShapleyTracker(model, opt, val_data=val, val_loss_fn=_mse_rows, group_values=True)
+    tr = ShapleyTracker(model, opt, val_data=val, val_loss_fn=_mse_rows, group_values=True, estimator="shapley")
     with tr.batch(torch.arange(5)):
         F.mse_loss(model(x), y).backward()
     # reference for the custom module: its per-sample gradient from the actual backward pass
@@ -184,7 +184,7 @@ def test_frozen_batchnorm_in_eval_mode_is_tracked_exactly():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(5, 3), torch.randn(5, 1)
     val = (torch.randn(4, 3), torch.randn(4, 1))
-    tr = ShapleyTracker(model, opt, val_data=val, val_loss_fn=_mse_rows)
+    tr = ShapleyTracker(model, opt, val_data=val, val_loss_fn=_mse_rows, estimator="shapley")
     model.eval()
     ref = sgd_reference(model, lambda f, xi, yi: ((f(xi) - yi) ** 2).mean(), (x, y),
                         lambda f: ((f(val[0]) - val[1]) ** 2).mean(), 0.1, 5)

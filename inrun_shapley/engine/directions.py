@@ -5,6 +5,10 @@ Every estimator scores a sample by ``<M, c_i>`` with ONE direction ``M`` per par
 step terms (:class:`~inrun_shapley.optim.StepTerms`) and validation gradients, how each estimator
 forms ``M`` (docs/math.md §2):
 
+* ``midpoint`` (the default; Shapley value of the real step, exact for quadratic games,
+  docs/math.md §3): ``M = -J_Δ(G/2) ⊙ ∇L_val(θ_t + Δ(G/2))`` with ``Δ`` the optimizer's real update
+  as a function of the gradient, ``J_Δ`` its diagonal Jacobian and ``G`` the step's gradient
+  (:func:`midpoint_terms`, :func:`midpoint_direction`);
 * ``shapley`` (fixed-state Shapley): ``M = sign·lr·k · P ⊙ g_v``; second order
   ``M = sign·lr·k · P ⊙ (g_v + H_v u)`` with ``u = d0 + ½ Σ_j δ_j`` (:func:`second_order_vector`);
 * ``loo`` (linearized leave-one-out of the real step): ``M = sign·lr · J ⊙ g_v``;
@@ -28,7 +32,7 @@ from torch import Tensor
 
 from inrun_shapley.capture.registry import up
 from inrun_shapley.errors import ConfigurationError
-from inrun_shapley.optim.base import OptimizerAdapter, StepTerms
+from inrun_shapley.optim.base import OptimizerAdapter, StepTerms, as_float
 
 __all__ = [
     "DIRECTION_FNS",
@@ -36,6 +40,8 @@ __all__ = [
     "direction",
     "ghost_factors",
     "loo_direction",
+    "midpoint_direction",
+    "midpoint_terms",
     "sgd_direction",
     "shapley_direction",
     "second_order_vector",
@@ -46,6 +52,7 @@ __all__ = [
 class Estimator(str, Enum):
     """What a value estimates; compares equal to its string (``Estimator.SHAPLEY == "shapley"``)."""
 
+    MIDPOINT = "midpoint"
     SHAPLEY = "shapley"
     LOO = "loo"
     SGD = "sgd"
@@ -69,8 +76,9 @@ class Estimator(str, Enum):
     @property
     def validation_point(self) -> str:
         """Where the validation gradient is taken: ``"theta_t"`` (before the step, in the step
-        pre-hook; every estimator today)."""
-        return "theta_t"
+        pre-hook) or ``"theta_half"`` (``θ_t + Δ(G/2)``, in the step post-hook, once the step's
+        gradient ``G`` is final: ``midpoint``)."""
+        return "theta_half" if self is Estimator.MIDPOINT else "theta_t"
 
     @property
     def needs_loo_jacobian(self) -> bool:
@@ -79,8 +87,9 @@ class Estimator(str, Enum):
 
     @property
     def needs_theta_before(self) -> bool:
-        """The parameters before the step are needed (L2 decay terms of the Jacobian)."""
-        return self is Estimator.LOO
+        """The parameters before the step are needed (L2 decay terms of the Jacobian; the
+        midpoint ``θ_t + Δ(G/2)``)."""
+        return self in (Estimator.LOO, Estimator.MIDPOINT)
 
     @property
     def has_ghost_form(self) -> bool:
@@ -95,6 +104,16 @@ def shapley_direction(terms: StepTerms, val_grad: Tensor, hvp: Tensor | None = N
     # same operations and rounding as scale * (precond * g), one new buffer; never in place on
     # precond (an adapter may hand back optimizer state)
     return scale * g if terms.precond is None else torch.mul(terms.precond, g).mul_(scale)
+
+
+def midpoint_direction(terms: StepTerms, val_grad: Tensor, hvp: Tensor | None = None) -> Tensor:
+    """``-J ⊙ g_half``: ``terms.jacobian`` = ``dΔ/dg`` at ``G/2``, ``val_grad`` = ``∇L_val`` at
+    ``θ_t + Δ(G/2)`` (``[*shape]`` or ``[Q, *shape]``). Positive ``<M, c_i>`` = the sample helped."""
+    if hvp is not None:
+        raise ConfigurationError("the midpoint estimator needs no Hessian-vector product: use order=1")
+    if terms.jacobian is None:
+        raise ConfigurationError("midpoint direction without its Jacobian (use midpoint_terms)")
+    return torch.mul(terms.jacobian, val_grad).neg_()
 
 
 def loo_direction(terms: StepTerms, val_grad: Tensor, hvp: Tensor | None = None) -> Tensor:
@@ -119,6 +138,7 @@ def sgd_direction(terms: StepTerms, val_grad: Tensor, hvp: Tensor | None = None)
 
 
 DIRECTION_FNS: dict[Estimator, Callable[..., Tensor]] = {
+    Estimator.MIDPOINT: midpoint_direction,
     Estimator.SHAPLEY: shapley_direction,
     Estimator.LOO: loo_direction,
     Estimator.SGD: sgd_direction,
@@ -148,6 +168,10 @@ def ghost_factors(estimator: Estimator, terms: StepTerms) -> tuple[float, Tensor
         raise ConfigurationError(f"the ghost path has no form for the {estimator.value!r} estimator")
     if estimator is Estimator.SHAPLEY:
         return terms.sign * terms.lr * terms.coeff, terms.precond
+    if estimator is Estimator.MIDPOINT:
+        # M = -J ⊙ g: scale 1 and "preconditioner" -J (> 0 almost everywhere; a constant for SGD,
+        # where the ghost forms stay exact)
+        return 1.0, terms.jacobian.neg()
     return terms.sign * terms.lr, None
 
 
@@ -181,3 +205,57 @@ def step_terms(adapter: OptimizerAdapter, optimizer: torch.optim.Optimizer, para
         terms.append(adapter.terms(grads[i], groups[param_group[i]], state.get(p, {}), before[i] if before else {},
                                    theta, need_drift=need_drift, need_loo=need_loo))
     return terms, grads
+
+
+def midpoint_terms(adapter: OptimizerAdapter, optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
+                   param_group: Sequence[int], before: Sequence[dict], snapshots: Sequence[dict | None],
+                   theta_before: Sequence[Tensor], grad_divisor: float = 1.0,
+                   ) -> tuple[list[StepTerms | None], list[Tensor], list[Tensor | None]]:
+    """The midpoint rule's terms of each parameter, read in the step post-hook (docs/math.md §3.2).
+
+    With ``G`` the gradient the optimizer used (``p.grad / grad_divisor``: after unscaling and
+    clipping) and the optimizer state as it was before the step (reconstructed from the state
+    after it, or ``snapshots[i]`` taken in the pre-hook where reconstruction is not exact, e.g.
+    amsgrad), computes ``θ_half = θ_t + Δ(G/2)`` and ``J = dΔ/dg`` at ``G/2``.
+
+    Args:
+        adapter: the optimizer family's adapter (``update``, ``update_jacobian_diag``,
+            ``state_before_step``).
+        optimizer: the innermost torch optimizer (state after the step).
+        params: the tracked parameters; ``param_group`` their group indices.
+        before: what ``adapter.before_step`` returned in the pre-hook, per parameter.
+        snapshots: ``adapter.snapshot_state`` per parameter from the pre-hook, or None to
+            reconstruct.
+        theta_before: each parameter before the step.
+        grad_divisor: a fused optimizer's ``grad_scale`` (its ``p.grad`` is still scaled), else 1.
+
+    Returns:
+        ``(terms, theta_half, grads)``: per parameter its :class:`StepTerms` with ``jacobian`` set
+        (None for parameters the step did not update), ``θ_half`` in the parameter's dtype (``θ_t`` where not updated), and the
+        gradient the optimizer used in the compute dtype.
+    """
+    groups, state = optimizer.param_groups, optimizer.state
+    terms: list[StepTerms | None] = []
+    theta_half: list[Tensor] = []
+    grads: list[Tensor | None] = []
+    for i, p in enumerate(params):
+        theta = theta_before[i]
+        if p.grad is None or (p not in state and adapter.name != "sgd"):
+            terms.append(None)
+            theta_half.append(theta)
+            grads.append(None)
+            continue
+        group = groups[param_group[i]]
+        g = up(p.grad.detach())
+        if grad_divisor != 1.0:
+            g = g / grad_divisor
+        th = up(theta)
+        sb = snapshots[i] if snapshots and snapshots[i] is not None else adapter.state_before_step(
+            state[p], g, th, group, before[i] if before else None)
+        half = 0.5 * g
+        delta = adapter.update(half, th, group, sb)
+        jac = adapter.update_jacobian_diag(half, th, group, sb)
+        terms.append(StepTerms(lr=as_float(group["lr"]), coeff=1.0, jacobian=jac))
+        theta_half.append((th + delta).to(theta.dtype))
+        grads.append(g)
+    return terms, theta_half, grads

@@ -16,21 +16,42 @@ from inrun_shapley.capture.registry import up
 from inrun_shapley.engine.capture_session import MicroBatch
 from inrun_shapley.engine.tracked import TrackedModule
 
-__all__ = ["ScoredStep", "grad_sq_norm", "gradient_scale", "grads_zeroed", "score_micro_batches"]
+__all__ = ["ScoredStep", "captured_in_half", "grad_sq_norm", "gradient_scale", "grads_zeroed", "score_micro_batches",
+           "world_size"]
+
+
+def world_size(configured: int | None) -> int:
+    """``configured``, else the initialized ``torch.distributed`` world size, else 1."""
+    if configured is not None:
+        return int(configured)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def captured_in_half(batches: Sequence[MicroBatch]) -> bool:
+    """Whether any captured output gradient of the step is fp16/bf16 (mixed precision)."""
+    half = (torch.float16, torch.bfloat16)
+    return any(g is not None and g.dtype in half
+               for mb in batches for caps in mb.captures.values() for cap in caps for g in cap.grad_outputs)
 
 
 class ScoredStep:
     """One step's values: ``ids [n]`` int64, ``values [n]`` (``[n, Q]`` per query) and, if kept,
     ``groups [n, G]`` (per tracked module), float64 numpy arrays."""
 
-    def __init__(self, ids: np.ndarray, values: np.ndarray, groups: np.ndarray | None):
+    def __init__(self, ids: np.ndarray, values: np.ndarray, groups: np.ndarray | None,
+                 module_totals: np.ndarray | None = None):
         self.ids, self.values, self.groups = ids, values, groups
+        self.module_totals = module_totals  # [G, Q]: each tracked module's part of the step's sum
 
     def scale(self, factor: float) -> None:
-        """Multiply the values (and groups) by a scalar in place."""
+        """Multiply the values (groups, module totals) by a scalar in place."""
         self.values *= factor
         if self.groups is not None:
             self.groups *= factor
+        if self.module_totals is not None:
+            self.module_totals *= factor
 
 
 def score_micro_batches(
@@ -66,6 +87,7 @@ def score_micro_batches(
     """
     all_ids, all_vals, all_groups = [], [], []
     names = list(modules)
+    totals = torch.zeros(len(names), n_directions, dtype=dtype, device=device)
     with torch.no_grad():
         for mb in batches:
             n = mb.ids.numel()
@@ -79,7 +101,9 @@ def score_micro_batches(
                 if ghost is not None and name in ghost.modules:
                     for cap in caps:
                         if cap.complete:
-                            vals += ghost.dot(name, cap, n)
+                            part = ghost.dot(name, cap, n)
+                            vals += part
+                            totals[j] += part.sum(0)
                     continue
                 dirs = {pn: directions[id(p)] for pn, p in params.items() if id(p) in directions}
                 if not dirs:
@@ -90,6 +114,7 @@ def score_micro_batches(
                     per_row = rule.dot(module, cap, dirs, theta.get(name))  # [rows, Q]
                     per_sample = per_row.reshape(n, -1, per_row.shape[-1]).sum(1)  # [n, Q]
                     vals += per_sample
+                    totals[j] += per_sample.sum(0)
                     if group is not None:
                         group[:, j] += per_sample[:, 0]
             all_ids.append(mb.ids.numpy())
@@ -97,7 +122,7 @@ def score_micro_batches(
             if group is not None:
                 all_groups.append(group.double().cpu().numpy())
     return ScoredStep(np.concatenate(all_ids), np.concatenate(all_vals),
-                      np.concatenate(all_groups) if all_groups else None)
+                      np.concatenate(all_groups) if all_groups else None, totals.double().cpu().numpy())
 
 
 def grad_sq_norm(params: Sequence[Tensor]) -> float:
@@ -126,13 +151,11 @@ def gradient_scale(grad_sq_after_backward: float | None, grad_sq_now: float, wor
     of data-parallel ranks averaging gradients (``world_size``; None: the initialized
     ``torch.distributed`` world size, else 1).
     """
-    if world_size is None:
-        world_size = (torch.distributed.get_world_size()
-                      if torch.distributed.is_available() and torch.distributed.is_initialized() else 1)
+    world = globals()["world_size"](world_size)
     if grad_sq_after_backward is None:
         ratio = 1.0
     else:
         ratio = math.sqrt(grad_sq_now / grad_sq_after_backward) if grad_sq_after_backward > 0 else 0.0
     if grad_scale is not None:  # fused optimizers unscale inside the kernel
         ratio /= float(torch.as_tensor(grad_scale).float())
-    return ratio / world_size
+    return ratio / world

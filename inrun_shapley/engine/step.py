@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from inrun_shapley.capture.registry import up
 from inrun_shapley.engine.capture_session import CaptureSession
-from inrun_shapley.engine.directions import Estimator, direction, second_order_vector, step_terms
+from inrun_shapley.engine.directions import Estimator, direction, midpoint_terms, second_order_vector, step_terms
 from inrun_shapley.engine.queries import GhostQueries, PlanRow, plan_query_path
 from inrun_shapley.engine.tracked import TrackedModule
 from inrun_shapley.engine.validation import ValidationObjective
@@ -49,8 +49,10 @@ class StepDirections:
         self.ghost: GhostQueries | None = None  # this step's ghost-path query side
         self.module_theta: dict[str, dict[str, Tensor]] = {}  # theta_t of rules that read parameters
         self._before: list[dict] = []
+        self._snapshots: list[dict | None] = []  # pre-step state copies where reconstruction is inexact
         self._theta_before: list[Tensor] | None = None
         self._val_grads: list | None = None
+        self.used_grads: list[Tensor | None] = []  # this step's gradient per parameter (post-hook)
 
     def before_step(self, step: int, session: CaptureSession) -> None:
         """Step pre-hook work (parameters are ``theta_t``; ``.grad`` is not read).
@@ -67,8 +69,15 @@ class StepDirections:
             for name, t in self.modules.items()
             if t.rule.reads_parameters
         }
-        if self.order == 2 or self.estimator.needs_theta_before:  # drift / L2 decay terms need theta_t
+        if self.order == 2 or self.estimator.needs_theta_before:  # drift / L2 decay terms / midpoint need theta_t
             self._theta_before = [p.detach().clone() for p in self.params]
+        if self.estimator is Estimator.MIDPOINT:
+            # amsgrad's previous running max cannot always be reconstructed after the step: copy it
+            self._snapshots = [
+                self.adapter.snapshot_state(self.optimizer.param_groups[g], state.get(p, {}))
+                if self.optimizer.param_groups[g].get("amsgrad") else None
+                for p, g in zip(self.params, self.param_group)
+            ]
         self._val_grads = None
         if self.order == 1 and self.estimator.validation_point == "theta_t":
             if self.per_query:
@@ -76,39 +85,67 @@ class StepDirections:
             else:
                 self._val_grads, _ = self.validation.gradient(self.model, self.params, step)
 
-    def _query_gradients(self, session: CaptureSession) -> list:
-        """Per-query validation gradients; ghost-path parameters get None and :attr:`ghost` holds
-        the query captures taken in the same pass."""
+    def _query_gradients(self, session: CaptureSession, at: list[Tensor] | None = None) -> list:
+        """Per-query validation gradients (at the current parameters, or at ``at``, one value per
+        tracked parameter); ghost-path parameters get None and :attr:`ghost` holds the query
+        captures taken in the same pass."""
         if self.query_plan is None:
+            preconditioned = self.adapter.name != "sgd" and self.estimator in (Estimator.SHAPLEY, Estimator.MIDPOINT)
             self.query_plan = plan_query_path(
                 self.query_path, self.modules, estimator=self.estimator, validation=self.validation,
-                model=self.model, preconditioned=self.adapter.name != "sgd" and self.estimator is Estimator.SHAPLEY,
-                train_positions=session.train_positions() or None,
+                model=self.model, preconditioned=preconditioned, train_positions=session.train_positions() or None,
             )
         ghost_names = [row.module for row in self.query_plan if row.path == "ghost"]
         if not ghost_names:
             self.ghost = None
-            return self.validation.query_gradients(self.model, self.params)
+            return self.validation.query_gradients(self.model, self.params, at=at)
         self.ghost = GhostQueries({name: self.modules[name].module for name in ghost_names})
         exact = [i for i, p in enumerate(self.params) if id(p) not in self.ghost.param_ids]
-        grads = self.validation.query_gradients(self.model, [self.params[i] for i in exact], ghost=self.ghost)
+        point = None if at is None else {id(p): at[i] for i, p in enumerate(self.params) if i not in set(exact)}
+        grads = self.validation.query_gradients(
+            self.model, [self.params[i] for i in exact], ghost=self.ghost,
+            at=None if at is None else [at[i] for i in exact], point=point,
+        )
         out: list = [None] * len(self.params)
         for i, g in zip(exact, grads):
             out[i] = g
         return out
 
-    def directions(self, step: int) -> dict[int, Tensor]:
+    def directions(self, step: int, session: CaptureSession | None = None, grad_divisor: float = 1.0) -> dict[int, Tensor]:
         """Step post-hook: per tracked parameter (by id) its direction ``M`` as ``[Q, *shape]``
         (``Q = 1`` unless per query), in the compute dtype; parameters the step did not update and
-        ghost-path parameters have none (the latter are scored through :attr:`ghost`)."""
+        ghost-path parameters have none (the latter are scored through :attr:`ghost`).
+
+        Args:
+            step: the step that happened (1-based).
+            session: the capture session (per-query planning at the first step of the midpoint).
+            grad_divisor: a fused optimizer's ``grad_scale`` (its ``p.grad`` is still scaled).
+        """
+        if self.estimator is Estimator.MIDPOINT:
+            terms, theta_half, grads = midpoint_terms(
+                self.adapter, self.optimizer, self.params, self.param_group, self._before, self._snapshots,
+                self._theta_before, grad_divisor)
+            if self.per_query:
+                val_grads = self._query_gradients(session, at=theta_half)
+            else:
+                val_grads, _ = self.validation.gradient(self.model, self.params, step, at=theta_half)
+            del theta_half
+            hvps = None
+            self.used_grads = grads
+            return self._assemble(terms, val_grads, hvps)
         terms, grads = step_terms(
             self.adapter, self.optimizer, self.params, self.param_group, self._before, self._theta_before,
             need_drift=self.order == 2, need_loo=self.estimator.needs_loo_jacobian,
         )
+        self.used_grads = grads if grad_divisor == 1.0 else [None if g is None else g / grad_divisor for g in grads]
         if self.order == 2:
             val_grads, hvps = self._second_order_terms(step, terms, grads)
         else:
             val_grads, hvps = self._val_grads, None
+        return self._assemble(terms, val_grads, hvps)
+
+    def _assemble(self, terms, val_grads, hvps) -> dict[int, Tensor]:
+        """Directions from the step terms and validation gradients (and the ghost query side)."""
         out = {}
         for i, (p, t) in enumerate(zip(self.params, terms)):
             if t is None or val_grads[i] is None:  # no step, or a ghost-path parameter
@@ -132,4 +169,6 @@ class StepDirections:
         """Forget the step's state once it was scored."""
         self._val_grads = None
         self._theta_before = None
+        self._snapshots = []
+        self.used_grads = []
         self.ghost = None

@@ -31,7 +31,10 @@ from inrun_shapley.engine.capture_session import CaptureSession
 from inrun_shapley.engine.directions import Estimator
 from inrun_shapley.engine.ids import as_sample_ids
 from inrun_shapley.engine.queries import QUERY_PATHS
-from inrun_shapley.engine.scoring import grad_sq_norm, gradient_scale, grads_zeroed, score_micro_batches
+from inrun_shapley.engine.scoring import (
+    captured_in_half, grad_sq_norm, gradient_scale, grads_zeroed, score_micro_batches, world_size,
+)
+from inrun_shapley.engine.step_check import StepSumCheck
 from inrun_shapley.engine.step import StepDirections
 from inrun_shapley.engine.store import InMemoryValues
 from inrun_shapley.engine.tracked import ModuleReport, plan_modules, plan_parameters
@@ -145,19 +148,20 @@ class ShapleyTracker:
         val_data=None,
         val_loss_fn: Callable | None = None,
         validation: ValidationObjective | None = None,
-        estimator: str | Estimator = "shapley",
+        estimator: str | Estimator = "midpoint",
         order: int = 1,
         val_sample_size: int | None = None,
         val_batch_size: int = 256,
         seed: int = 0,
         group_values: bool = False,
-        record_steps: bool = True,
+        record_steps: bool = False,
         exclude: Iterable[str] = (),
         strict: bool = True,
         world_size: int | None = None,
         sink=None,
         per_query: bool = False,
         query_path: str = "auto",
+        step_check: str = "warn",
     ):
         estimator = Estimator.parse(estimator)
         _check_options(estimator, order, per_query, query_path, val_sample_size, group_values=False)
@@ -183,6 +187,7 @@ class ShapleyTracker:
         self.query_path = query_path
         self.world_size = world_size
         self.store = InMemoryValues(record_steps=record_steps)
+        self.step_check = StepSumCheck(step_check)
         self.sink = sink
         self.step = 0  # real optimizer steps seen
         self.skipped_steps = 0  # micro-batch groups dropped because their step never happened
@@ -313,7 +318,9 @@ class ShapleyTracker:
         self.step += 1
         scale = self._gradient_scale(kwargs)
         with self._suspend():
-            directions = self._steps.directions(self.step)
+            grad_scale = kwargs.get("grad_scale") if kwargs else None
+            grad_divisor = 1.0 if grad_scale is None else float(torch.as_tensor(grad_scale).float())
+            directions = self._steps.directions(self.step, self._session, grad_divisor)
             ghost = self._steps.ghost
             n_dirs = next(iter(directions.values())).shape[0] if directions else ghost.n_queries
             scored = score_micro_batches(
@@ -324,6 +331,13 @@ class ShapleyTracker:
             )
         scored.scale(scale)
         ids, values, groups = scored.ids, scored.values, scored.groups
+        if ghost is None and world_size(self.world_size) == 1:
+            self.step_check(
+                self.step, values=values, module_totals=scored.module_totals, directions=directions,
+                params=self._params, used_grads=self._steps.used_grads,
+                module_params={n: list(t.params.values()) for n, t in self._modules.items()},
+                compute_dtype=up(self._params[0].detach()).dtype, low_precision=captured_in_half(batches),
+            )
         if not np.isfinite(values).all():
             raise NonFiniteError(
                 f"step {self.step}: {int((~np.isfinite(values)).sum())} sample value(s) are NaN or "

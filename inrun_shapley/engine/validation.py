@@ -10,14 +10,14 @@ of (seed, step).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Mapping, Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import Dataset, default_collate
 
-from inrun_shapley.batches import move_to, rows_of, take_rows
+from inrun_shapley.batches import map_tensors, move_to, rows_of, take_rows
 from inrun_shapley.capture.registry import up
 from inrun_shapley.engine.batched import batched_or_loop
 from inrun_shapley.errors import ConfigurationError, NonFiniteError
@@ -38,12 +38,13 @@ class _LossCall(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-def parameter_values(model: nn.Module, params: Sequence[Tensor], at: Sequence[Tensor] | None = None):
+def parameter_values(model: nn.Module, params: Sequence[Tensor], at: Sequence[Tensor] | None = None,
+                     point: Mapping[int, Tensor] | None = None):
     """Tensors standing in for the model's parameters in a validation pass, and the leaves of
     ``params`` to differentiate.
 
     Every parameter is replaced by a detached alias (no copy; ``requires_grad`` kept), ``params[i]``
-    by ``at[i]`` when given. The user's parameters are never written, their ``.grad`` and
+    by ``at[i]`` when given, and any other parameter ``q`` by ``point[id(q)]`` when given. The user's parameters are never written, their ``.grad`` and
     hooks never touched.
 
     Returns:
@@ -51,6 +52,9 @@ def parameter_values(model: nn.Module, params: Sequence[Tensor], at: Sequence[Te
     """
     names = {id(p): n for n, p in model.named_parameters()}
     values = {n: p.detach().requires_grad_(p.requires_grad) for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():  # other parameters moved to a point (e.g. θ_t + Δ(G/2))
+        if point is not None and id(p) in point:
+            values[n] = point[id(p)].detach().requires_grad_(p.requires_grad)
     leaves = []
     for i, p in enumerate(params):
         if id(p) not in names:
@@ -62,6 +66,22 @@ def parameter_values(model: nn.Module, params: Sequence[Tensor], at: Sequence[Te
             values[name].requires_grad_(True)
         leaves.append(values[name])
     return values, leaves
+
+
+def model_dtype(params) -> torch.dtype | None:
+    """The one floating dtype of a model's parameters (a module, or an iterable of tensors);
+    None when they have several (mixed precision: the loss function decides) or none."""
+    tensors = params.parameters() if isinstance(params, nn.Module) else params
+    dtypes = {p.dtype for p in tensors if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def cast_floating(batch, dtype: torch.dtype | None):
+    """``batch`` with every floating tensor in ``dtype`` (no copy where it already is); integer
+    and boolean tensors unchanged. ``dtype`` None: ``batch`` itself."""
+    if dtype is None:
+        return batch
+    return map_tensors(lambda t: t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t, batch)
 
 
 @contextmanager
@@ -147,10 +167,14 @@ class ValidationObjective:
     def per_sample_losses(self, model: nn.Module, batch, device, values: dict[str, Tensor] | None = None) -> Tensor:
         """``loss_fn`` on one batch, checked: returns ``[m]`` or a scalar.
 
+        Floating tensors of the batch are cast to the model's parameter dtype (a float64
+        validation set for a float32 model, as a data loader would yield); integer tensors
+        (labels, token ids) are left as they are.
+
         ``values`` (from :func:`parameter_values`): evaluate with the model's parameters replaced
         by these tensors through ``torch.func.functional_call`` (the model is not written).
         """
-        batch = move_to(batch, device)
+        batch = cast_floating(move_to(batch, device), model_dtype(model if values is None else values.values()))
         if values is None:
             losses = self.loss_fn(model, batch)
         else:
@@ -182,7 +206,8 @@ class ValidationObjective:
                 yield up(losses).sum() / total
 
     def gradient(self, model: nn.Module, params: Sequence[Tensor], step: int,
-                 hvp_vectors: Sequence[Tensor] | None = None, at: Sequence[Tensor] | None = None):
+                 hvp_vectors: Sequence[Tensor] | None = None, at: Sequence[Tensor] | None = None,
+                 point: Mapping[int, Tensor] | None = None):
         """Gradient of ``L_val`` with respect to ``params``, without touching the model.
 
         The loss is evaluated through ``torch.func.functional_call`` on aliases of the
@@ -197,6 +222,8 @@ class ValidationObjective:
                 ``H_val @ v`` (second order).
             at: evaluate at these values of ``params`` (one tensor per param) instead of their
                 current ones, e.g. the parameters before the step, read in the step post-hook.
+            point: ``{id(parameter): value}`` for parameters not in ``params`` that are moved
+                too (the ghost-path layers at the midpoint).
 
         Returns:
             list of gradients (fp32, zeros for unused params), and the HVP list or None.
@@ -206,7 +233,7 @@ class ValidationObjective:
         hvps = [up(torch.zeros_like(p)) for p in params] if hvp_vectors is not None else None
         ctx = eval_mode(model) if self.use_eval_mode else _null()
         with ctx, torch.enable_grad():
-            values, leaves = parameter_values(model, params, at)
+            values, leaves = parameter_values(model, params, at, point)
             for piece in self.mean_loss(model, step, device, values):
                 g = torch.autograd.grad(piece, leaves, allow_unused=True, create_graph=hvp_vectors is not None)
                 for i, gi in enumerate(g):
@@ -226,7 +253,8 @@ class ValidationObjective:
         grads = [up(torch.zeros_like(p)) if gr is None else gr for p, gr in zip(params, grads)]
         return grads, hvps
 
-    def query_gradients(self, model: nn.Module, params: Sequence[Tensor], ghost=None, hvp_vectors=None, at=None):
+    def query_gradients(self, model: nn.Module, params: Sequence[Tensor], ghost=None, hvp_vectors=None, at=None,
+                        point=None):
         """Gradient of every query's own loss: one ``[Q, *param.shape]`` tensor per parameter.
 
         Queries are the rows of the validation set (all of them, every step); a loss function
@@ -251,7 +279,7 @@ class ValidationObjective:
         hvp_pieces: list[list[Tensor]] = [[] for _ in params]
         ctx = eval_mode(model) if self.use_eval_mode else _null()
         with ctx, torch.enable_grad():
-            values, leaves = parameter_values(model, params, at)
+            values, leaves = parameter_values(model, params, at, point)
             for batch, rows in self.chunks(0):
                 with ghost.recording() if ghost is not None else _null():
                     losses = self.per_sample_losses(model, batch, device, values)

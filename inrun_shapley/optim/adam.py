@@ -171,8 +171,23 @@ def update_jacobian_diag(g: Tensor, theta: Tensor | None, group: dict, state_bef
     st = _step(g, theta, group, state_before)
     h = st.h
     bc1, bc2 = _bias_corrections(h, st.t)
-    sqrt_v_hat = (st.v_used / bc2).sqrt()
-    j = ((1.0 - h.beta1) / bc1) / (sqrt_v_hat + h.eps) - _loo_correction(st, sqrt_v_hat, bc1, bc2)
+    s = (st.v_used / bc2).sqrt()
+    d = s + h.eps
+    # The bracket (1-β1)/D - m'(1-β2)g'/(b2·s·D²) cancels badly when g' dominates the moments (at
+    # the first step it is eps/D² against 1/D). With m' = β1·m + (1-β1)g' and s² = v'/b2 it equals
+    #   ( [(1-β1)·β2·v - β1·(1-β2)·m·g'] / b2 + (1-β1)·s·eps ) / (s·D²)
+    # (m, v the moments before the step), which has no cancellation at all.
+    m = state_before.get(EXP_AVG)
+    v = state_before.get(EXP_AVG_SQ)
+    m = torch.zeros_like(st.g_eff) if m is None else m.to(st.g_eff.dtype)
+    v = torch.zeros_like(st.g_eff) if v is None else v.to(st.g_eff.dtype)
+    numer = ((1.0 - h.beta1) * h.beta2 * v - (h.beta1 * (1.0 - h.beta2)) * m * st.g_eff) / bc2 + (1.0 - h.beta1) * s * h.eps
+    stable = numer / (s * d * d).clamp_min(torch.finfo(d.dtype).tiny)
+    fixed = (1.0 - h.beta1) / d  # where v_used does not move with g: v_used = 0, or amsgrad's old max
+    moves = s > 0
+    if h.amsgrad:
+        moves = moves & (st.v_new >= st.v_used)
+    j = torch.where(moves, stable, fixed) / bc1
     return (-h.sign * h.lr) * j
 
 

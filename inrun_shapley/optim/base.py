@@ -32,6 +32,9 @@ class StepTerms:
         loo_precond: the diagonal Jacobian ``J`` of the real step with respect to the gradient,
             including the second moment's dependence on it (leave-one-out estimator); None where it
             equals ``coeff * precond``.
+        jacobian: the midpoint rule's ``dΔ/dg`` at half the step's gradient (docs/math.md §3.2),
+            elementwise, in parameter units per gradient unit (negative almost everywhere
+            without maximize); None for the other estimators.
     """
 
     lr: float
@@ -40,6 +43,7 @@ class StepTerms:
     precond: Tensor | None = None
     drift: Tensor | None = None
     loo_precond: Tensor | None = None
+    jacobian: Tensor | None = None
 
 
 class OptimizerAdapter(Protocol):

@@ -1,0 +1,126 @@
+"""The step-sum consistency check (docs/math.md §6).
+
+Every estimator scores a sample by ``<M, c_i>`` with one direction ``M`` per step, and the
+contributions ``c_i`` of a step's samples add up to the gradient the optimizer used. So the values
+of a step must sum to ``<M, ḡ>`` (``ḡ`` = ``p.grad`` after unscaling and clipping), which costs one
+dot product per parameter. A mismatch beyond rounding means the values are wrong: a gradient
+changed inside the capture block (clipping or scaling before the block's exit), a loss term or a
+module output the capture did not see, a layer that mixes samples, or another tool rewriting
+gradients. The check then warns once or raises.
+
+Not checked: steps with ghost-path layers (their directions are never materialized) and
+data-parallel runs (``p.grad`` holds every rank's gradient; each rank scores only its own).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from inrun_shapley.errors import AttributionError, ConfigurationError
+
+__all__ = ["CHECK_MODES", "StepSumError", "StepSumCheck"]
+
+CHECK_MODES = ("warn", "raise", "off")
+
+
+class StepSumError(AttributionError):
+    """A step's values do not add up to the step's gradient: the values would be wrong."""
+
+
+def _tolerance(compute_dtype: torch.dtype, low_precision: bool) -> float:
+    if low_precision:  # fp16/bf16 captures: products rounded to ~3 significant digits
+        return 5e-2
+    return 1e-8 if compute_dtype == torch.float64 else 2e-3
+
+
+class StepSumCheck:
+    """Compares each step's value sum with ``<M, ḡ>``.
+
+    Args:
+        mode: ``"warn"`` (one warning per tracker, naming the causes), ``"raise"``
+            (:class:`StepSumError`) or ``"off"``.
+    """
+
+    def __init__(self, mode: str = "warn"):
+        if mode not in CHECK_MODES:
+            raise ConfigurationError(f"step_check must be one of {CHECK_MODES}, got {mode!r}")
+        self.mode = mode
+        self.warned = False
+        self.last_error: float | None = None  # relative mismatch of the last checked step
+
+    def __call__(self, step: int, *, values: np.ndarray, module_totals: np.ndarray | None,
+                 directions: Mapping[int, Tensor], params: Sequence[Tensor], used_grads: Sequence[Tensor | None],
+                 module_params: Mapping[str, Sequence[Tensor]], compute_dtype: torch.dtype,
+                 low_precision: bool) -> None:
+        """Check one step.
+
+        Args:
+            step: the step number (for the message).
+            values: the step's scaled values ``[n]`` or ``[n, Q]``.
+            module_totals: ``[G, Q]`` each module's part of the sum, or None.
+            directions: ``{id(param): M [Q, *shape]}``.
+            params, used_grads: the tracked parameters and the gradients the optimizer used.
+            module_params: the tracked modules' parameters by module name (order of
+                ``module_totals``).
+            compute_dtype: the dtype values were computed in.
+            low_precision: some capture was fp16/bf16.
+        """
+        if self.mode == "off":
+            return
+        per_param = {}
+        for p, g in zip(params, used_grads):
+            m = directions.get(id(p))
+            if m is None or g is None:
+                continue
+            per_param[id(p)] = (m.reshape(m.shape[0], -1) @ g.reshape(-1).to(m.dtype)).double()
+        if not per_param:
+            return
+        expected = torch.stack(list(per_param.values())).sum(0).cpu().numpy()  # [Q]
+        got = values.reshape(values.shape[0], -1).sum(0)
+        scale = np.abs(values).reshape(values.shape[0], -1).sum(0) + np.abs(expected) + 1e-300
+        err = float(np.max(np.abs(got - expected) / scale))
+        self.last_error = err
+        if err <= _tolerance(compute_dtype, low_precision):
+            return
+        message = (
+            f"step {step}: the step's values sum to {float(got.ravel()[0]):.6g} but the gradient the optimizer "
+            f"used gives {float(expected.ravel()[0]):.6g} (relative mismatch {err:.2g}): these values are wrong. "
+            "Likely causes: gradients clipped or rescaled inside `with tracker.batch(...)` (clip after the "
+            "block: the norm is read at its exit); a loss term or module output the capture did not see "
+            "(outputs in nested containers, a penalty on parameters added to the loss); a layer that mixes "
+            "the samples of a batch (BatchNorm in train mode); another tool's hooks rewriting gradients."
+            + self._offenders(module_totals, module_params, per_param)
+        )
+        if self.mode == "raise":
+            raise StepSumError(message + " (step_check='warn' to continue with a warning)")
+        if not self.warned:
+            warnings.warn(message + " (warned once; step_check='raise' stops instead)", RuntimeWarning, stacklevel=4)
+            self.warned = True
+
+    @staticmethod
+    def _offenders(module_totals, module_params, per_param) -> str:
+        if module_totals is None:
+            return ""
+        uses: dict[int, int] = {}
+        for ps in module_params.values():
+            for p in ps:
+                uses[id(p)] = uses.get(id(p), 0) + 1
+        rows = []
+        for j, (name, ps) in enumerate(module_params.items()):
+            if any(uses[id(p)] > 1 for p in ps):  # tied weights: the split per module is not defined
+                continue
+            exp = sum((per_param[id(p)] for p in ps if id(p) in per_param), torch.zeros(())).cpu().numpy()
+            got = module_totals[j]
+            gap = float(np.max(np.abs(got - exp)))
+            rel = gap / (float(np.max(np.abs(exp))) + float(np.max(np.abs(got))) + 1e-300)
+            if rel > 1e-3:
+                rows.append((rel, name or "<root>"))
+        if not rows:
+            return ""
+        rows.sort(reverse=True)
+        return " Modules whose part does not add up: " + ", ".join(f"{n} ({r:.2g})" for r, n in rows[:5]) + "."
