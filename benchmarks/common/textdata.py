@@ -13,6 +13,15 @@ Queries are paraphrases of particular training sentences, each with the id of it
 A paraphrase keeps the fact (who, what, where) and changes the wording, so the training sentence
 that taught the model the fact is the expected top attribution.
 
+:func:`make_disjoint_corpus` builds the harder setting, where words do not give the answer: every
+content word (name, verb, adjective, noun, place) has two surface forms (``"robert"``/``"bob"``,
+``"boat"``/``"vessel"``), each concept's occurrences are split evenly (at random) between its two
+forms, and a query restates its source fact with the *other* form in every slot, so it shares no
+content word with its source (only ``"the"`` and ``"in"``, which every sentence has). Each concept occurs in many
+training sentences under both forms, in the same slots and next to the same other concepts, so a
+model trained on the corpus can learn that the two forms are interchangeable; a lexical method
+cannot.
+
 Example:
     >>> corpus = make_corpus(n_sentences=50, n_queries=5, seed=0)
     >>> len(corpus.sentences), len(corpus.queries)
@@ -54,6 +63,30 @@ PLACES = (  # (form, synonym or None)
 PARTICIPLES = {"broke": "broken", "hid": "hidden", "took": "taken"}  # the rest: same as the past tense
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 QUERY_KINDS = ("reorder", "synonym", "passive", "passive+synonym")
+
+# two surface forms per concept for the word-disjoint corpus (both forms are common English)
+DISJOINT_NAMES = (
+    ("robert", "bob"), ("william", "bill"), ("elizabeth", "liz"), ("katherine", "kate"), ("james", "jim"),
+    ("margaret", "peggy"), ("thomas", "tom"), ("michael", "mike"), ("joseph", "joe"), ("daniel", "dan"),
+    ("samuel", "sam"), ("alexander", "alex"), ("benjamin", "ben"), ("nicholas", "nick"), ("susan", "sue"),
+    ("rebecca", "becky"), ("victoria", "vicky"), ("anthony", "tony"), ("edward", "ted"), ("henry", "hank"),
+    ("frederick", "fred"), ("abigail", "abby"), ("eleanor", "ellie"), ("patricia", "patty"),
+)
+DISJOINT_VERBS = VERBS
+DISJOINT_ADJECTIVES = (
+    ("big", "large"), ("small", "tiny"), ("old", "ancient"), ("red", "crimson"), ("new", "modern"),
+    ("heavy", "weighty"), ("shiny", "gleaming"), ("dirty", "filthy"),
+)
+DISJOINT_NOUNS = (
+    ("boat", "vessel"), ("car", "automobile"), ("sofa", "couch"), ("cup", "mug"), ("rug", "carpet"),
+    ("cap", "hat"), ("jar", "pot"), ("bag", "sack"), ("stone", "rock"), ("rope", "cord"), ("bin", "can"),
+    ("cart", "wagon"), ("lamp", "lantern"), ("gift", "present"), ("jacket", "coat"), ("box", "crate"),
+)
+DISJOINT_PLACES = (
+    ("harbor", "port"), ("garden", "yard"), ("market", "bazaar"), ("attic", "loft"), ("workshop", "studio"),
+    ("station", "depot"), ("forest", "woods"), ("cellar", "basement"), ("shop", "store"), ("road", "street"),
+)
+DISJOINT_SLOTS = (DISJOINT_NAMES, DISJOINT_VERBS, DISJOINT_ADJECTIVES, DISJOINT_NOUNS, DISJOINT_PLACES)
 
 
 @dataclass(frozen=True)
@@ -152,6 +185,59 @@ def paraphrase(fact: Fact, kind: str) -> str:
     if kind == "passive+synonym":
         return fact.words(passive=True, verb_form=other_verb, place_form=other_place)
     raise ValueError(f"unknown paraphrase kind {kind!r}; one of {QUERY_KINDS}")
+
+
+def disjoint_words(concepts: tuple[int, ...], forms: tuple[int, ...]) -> str:
+    """``"{name} {verb} the {adjective} {noun} in the {place}"`` for concept and form indices per slot."""
+    name, verb, adj, noun, place = (DISJOINT_SLOTS[k][c][f] for k, (c, f) in enumerate(zip(concepts, forms)))
+    return f"{name} {verb} the {adj} {noun} in the {place}"
+
+
+def make_disjoint_corpus(n_sentences: int = 240, n_queries: int = 40, seed: int = 0) -> TextCorpus:
+    """The word-disjoint corpus (module docstring), generated deterministically from ``seed``.
+
+    A fact is (name, verb, adjective, noun, place) concepts; each (name, verb) pair occurs in at
+    most one training sentence, so the fact of a query ("what did bob fix, and where?") has
+    exactly one source. Queries restate distinct source facts with every slot's form flipped;
+    their kind is ``"disjoint"``. ``facts`` is empty (the :class:`Fact` type is the other corpus's).
+
+    Args:
+        n_sentences: training sentences (at most ``24 × 12 = 288``, the (name, verb) pairs).
+        n_queries: queries (≤ n_sentences).
+        seed: random seed.
+    """
+    limit = len(DISJOINT_NAMES) * len(DISJOINT_VERBS)
+    if not 0 < n_queries <= n_sentences <= limit:
+        raise ValueError(f"need 0 < n_queries <= n_sentences <= {limit}, got {n_queries} and {n_sentences}")
+    rng = random.Random(seed)
+    pairs = rng.sample([(a, b) for a in range(len(DISJOINT_NAMES)) for b in range(len(DISJOINT_VERBS))], n_sentences)
+    concepts = [(a, b, rng.randrange(len(DISJOINT_ADJECTIVES)), rng.randrange(len(DISJOINT_NOUNS)),
+                 rng.randrange(len(DISJOINT_PLACES))) for a, b in pairs]
+    forms = [[0] * len(DISJOINT_SLOTS) for _ in concepts]
+    for k in range(len(DISJOINT_SLOTS)):  # each concept's occurrences split evenly between its forms
+        for c in {fact[k] for fact in concepts}:
+            rows = [i for i, fact in enumerate(concepts) if fact[k] == c]
+            rng.shuffle(rows)
+            first = rng.randrange(2)
+            for j, i in enumerate(rows):
+                forms[i][k] = (first + j) % 2
+    sentences = [disjoint_words(c, tuple(f)) for c, f in zip(concepts, forms)]
+    sources = rng.sample(range(n_sentences), n_queries)
+    queries = [disjoint_words(concepts[s], tuple(1 - f for f in forms[s])) for s in sources]
+    forms = [tuple(f) for f in forms]
+    vocab = {w for slot in DISJOINT_SLOTS for pair in slot for w in pair} | {"the", "in"}
+    return TextCorpus(sentences, [], queries, sources, ["disjoint"] * n_queries, WordTokenizer(vocab))
+
+
+def synonym_ids(tokenizer: WordTokenizer) -> Tensor:
+    """``[vocab]`` int64: for each token id of the disjoint corpus, the id of its other surface
+    form (itself for words with one form: specials, ``"the"``, ``"in"``)."""
+    alt = torch.arange(len(tokenizer))
+    for slot in DISJOINT_SLOTS:
+        for a, b in slot:
+            if a in tokenizer.stoi and b in tokenizer.stoi:
+                alt[tokenizer.stoi[a]], alt[tokenizer.stoi[b]] = tokenizer.stoi[b], tokenizer.stoi[a]
+    return alt
 
 
 def make_corpus(n_sentences: int = 300, n_queries: int = 60, seed: int = 0) -> TextCorpus:

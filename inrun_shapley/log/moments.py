@@ -7,6 +7,14 @@ values over all its samples, per query column. The mean is not subtracted, so si
 When a step has fewer than two samples, or its standard deviation is zero or not finite, its
 scale is 1 (the raw value is added). Moments of the parts of one step (DDP ranks) combine
 exactly with Chan et al.'s parallel formula, so a merge recovers the global scale.
+
+Normalizations that need every step's records are computed on read from the raw per-step
+records (:func:`normalized_record_sums`; the log keeps raw values only): ``"loss_change"``
+divides a step's values by the magnitude of that step's summed value (the linear part of its
+validation-loss change, per query column), so each step's values become shares of what the step
+did; ``"step_z"`` subtracts the step's mean value and divides by its scale (a per-step z-score:
+what is common to every sample of the step, e.g. early-training progress on frequent tokens,
+is removed; signs then mean above / below the step's average).
 """
 
 from __future__ import annotations
@@ -100,4 +108,62 @@ def combine_step_stats(stats: np.ndarray) -> np.ndarray:
     return out
 
 
-__all__ = ["combine_moments", "combine_step_stats", "is_degenerate", "step_moments", "step_scale"]
+RECORD_NORMALIZATIONS = ("step_std", "loss_change", "step_z")
+
+
+def step_divisors(stats: np.ndarray, normalize: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per step row of ``stats``, what is subtracted from and what divides its values.
+
+    Args:
+        stats: per-step statistics (``step``, ``n``, ``mean``, ``m2``, ``scale``), one row per step.
+        normalize: one of :data:`RECORD_NORMALIZATIONS`.
+
+    Returns:
+        ``(shift, divisor)``, each ``[T]`` or ``[T, Q]``: ``step_std``: (0, scale);
+        ``loss_change``: (0, |n · mean|, 1 where zero or not finite); ``step_z``: (mean, scale).
+    """
+    if normalize not in RECORD_NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {RECORD_NORMALIZATIONS}, got {normalize!r}")
+    mean = np.asarray(stats["mean"], dtype=np.float64)
+    scale = np.asarray(stats["scale"], dtype=np.float64)
+    zero = np.zeros_like(mean)
+    if normalize == "step_std":
+        return zero, scale
+    if normalize == "step_z":
+        return mean, scale
+    n = stats["n"].astype(np.float64).reshape((-1,) + (1,) * (mean.ndim - 1))
+    change = np.abs(mean * n)
+    return zero, np.where(np.isfinite(change) & (change > 0), change, 1.0)
+
+
+def normalized_record_sums(records: np.ndarray, stats: np.ndarray, normalize: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per id, the sum over its per-step records of ``(value − shift_step) / divisor_step``.
+
+    Args:
+        records: per-step records (``step``, ``id``, ``value`` ``[]`` or ``[Q]``).
+        stats: per-step statistics with a row for every step of ``records`` (any order).
+        normalize: one of :data:`RECORD_NORMALIZATIONS` (module docstring).
+
+    Returns:
+        ``(ids [n] sorted, sums [n] or [n, Q])`` float64 over the ids present in ``records``.
+
+    Raises:
+        ValueError: unknown normalization, or a record's step has no statistics row.
+    """
+    order = np.argsort(stats["step"], kind="stable")
+    stats = stats[order]
+    shift, divisor = step_divisors(stats, normalize)
+    row = np.searchsorted(stats["step"], records["step"])
+    found = row < stats.shape[0]
+    found[found] = stats["step"][row[found]] == records["step"][found]
+    if not found.all():
+        raise ValueError("some records have steps without statistics rows")
+    values = (np.asarray(records["value"], dtype=np.float64) - shift[row]) / divisor[row]
+    ids, where = np.unique(records["id"], return_inverse=True)
+    sums = np.zeros((ids.shape[0],) + values.shape[1:], dtype=np.float64)
+    np.add.at(sums, where, values)
+    return ids, sums
+
+
+__all__ = ["RECORD_NORMALIZATIONS", "combine_moments", "combine_step_stats", "is_degenerate", "normalized_record_sums",
+           "step_divisors", "step_moments", "step_scale"]

@@ -14,13 +14,16 @@ from inrun_shapley.log.fields import id_fields, record_dtype, stats_dtype
 from inrun_shapley.log.commit import commit, write_chunk, write_table
 from inrun_shapley.log.format import FORMAT_NAME, FORMAT_VERSION, META_FILE, now, read_chunks, read_table
 from inrun_shapley.log.header import read_header
+from inrun_shapley.log.moments import RECORD_NORMALIZATIONS, normalized_record_sums
 
-NORMALIZATIONS = ("none", "step_std", "mean")
+NORMALIZATIONS = ("none", "step_std", "mean", "loss_change", "step_z")  # the last two need record_steps
 # how each normalization reads in printed rankings
 RANKINGS = {
     "none": "raw value sum",
     "step_std": "per-step standardized score",
     "mean": "mean value per appearance",
+    "loss_change": "sum of shares of each step's validation-loss change",
+    "step_z": "per-step z-scored score",
 }
 
 
@@ -194,7 +197,11 @@ class ShapleyLog:
 
         Args:
             normalize: ``"none"`` (raw sum, the log's units), ``"step_std"`` (sum of per-step
-                standardized values, unitless) or ``"mean"`` (raw sum / count).
+                standardized values, unitless), ``"mean"`` (raw sum / count), or, from the
+                per-step records (logs written with ``record_steps=True``),
+                ``"loss_change"`` (each step's values divided by the magnitude of the step's
+                summed value, per query column) or ``"step_z"`` (per-step z-scores: the step's
+                mean subtracted, divided by its std); see :mod:`inrun_shapley.log.moments`.
             query: for per-query logs: None = all columns ``[.., Q]``, an int = that column,
                 ``"mean"`` = mean over queries. Must be None (or "mean") for 1-D logs.
             ids: None for a dense array indexed by id (refused for sparse id spaces), or the
@@ -214,7 +221,9 @@ class ShapleyLog:
         else:
             at = check_ids(np.asarray(ids))
             field = lambda name: self._totals.lookup(name, at)  # noqa: E731
-        if normalize == "none":
+        if normalize in RECORD_NORMALIZATIONS and normalize != "step_std":
+            base = self._record_scores(normalize, ids)
+        elif normalize == "none":
             base = field("value_sum")
         elif normalize == "step_std":
             base = field("std_sum")
@@ -223,6 +232,24 @@ class ShapleyLog:
             denom = np.maximum(field("count"), 1).astype(np.float64)
             base = values / (denom if values.ndim == 1 else denom[:, None])
         return _select_query(base, self.n_queries, query).copy()
+
+    def _record_scores(self, normalize: str, ids: Any) -> np.ndarray:
+        """Scores computed from the per-step records (dense, or aligned to ``ids``; 0 where unseen)."""
+        if self.steps is None:
+            raise ConfigurationError(
+                f"normalize={normalize!r} is computed from the per-step records, and this log has none: "
+                "write it with record_steps=True, or use 'none', 'step_std' or 'mean'"
+            )
+        seen, sums = normalized_record_sums(self.steps, self.step_stats, normalize)
+        at = np.arange(self.max_id + 1) if ids is None else check_ids(np.asarray(ids))
+        if ids is None:
+            self._dense_field("count")  # refuses a sparse id space like the other dense scores
+        out = np.zeros((at.shape[0],) + sums.shape[1:], dtype=np.float64)
+        pos = np.searchsorted(seen, at)
+        hit = pos < seen.shape[0]
+        hit[hit] = seen[pos[hit]] == at[hit]
+        out[hit] = sums[pos[hit]]
+        return out
 
     @property
     def helpful_sign(self) -> int | None:
