@@ -8,6 +8,10 @@ Modules:
     api: :func:`bayesian_influence`, the entry point.
     config: :class:`BIFConfig` (sampler settings) and the default nβ.
     sampler: the SGLD chain loop; parameter selection; snapshot and restore of the model.
+    batched: the C chains run together (parameters stacked, vmapped).
+    functional: the user's functions at given parameters (torch.func), per-sample gradients.
+    control_variate: the coupled-Gaussian-chain control variate (unbiased variance reduction).
+    tuning: :func:`choose_config`, settings from the sampler's own measurements.
     evaluation: per-sample losses and observables of the traced samples at the current weights.
     moments: pooled covariances from kept traces or online co-moments.
     diagnostics: split-R̂, ESS, seed-to-seed rank stability, :class:`BIFDiagnostics`.
@@ -23,12 +27,15 @@ from inrun_shapley.posthoc.bif.diagnostics import (
     split_rhat,
 )
 from inrun_shapley.posthoc.bif.result import BIFResult
+from inrun_shapley.posthoc.bif.tuning import best_thin, choose_config
 
 __all__ = [
     "BIFConfig",
     "BIFDiagnostics",
     "BIFResult",
     "bayesian_influence",
+    "best_thin",
+    "choose_config",
     "effective_sample_size",
     "rank_stability",
     "split_rhat",

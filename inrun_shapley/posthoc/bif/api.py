@@ -48,13 +48,18 @@ Example:
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Optional
 
+import torch
 from torch import nn
 
 from inrun_shapley.errors import ConfigurationError
+from inrun_shapley.posthoc.bif.batched import BatchedSGLDSampler
 from inrun_shapley.posthoc.bif.config import BIFConfig, LossFn, ParamSelection, default_n_beta
+from inrun_shapley.posthoc.bif.control_variate import CoupledGaussianCV
 from inrun_shapley.posthoc.bif.diagnostics import BIFDiagnostics
+from inrun_shapley.posthoc.bif.functional import FunctionalModel, per_sample_jacobian
 from inrun_shapley.posthoc.bif.moments import TraceStore, covariance_and_correlation, make_store
 from inrun_shapley.posthoc.bif.result import BIFResult
 from inrun_shapley.posthoc.bif.sampler import ModelSnapshot, SGLDSampler, select_params
@@ -127,22 +132,26 @@ def bayesian_influence(
             n_beta = default_n_beta(batch_size)
 
     snapshot = ModelSnapshot(model, selected)
+    control = None
     try:
         snapshot.enter_sampling_mode()
-        sampler = SGLDSampler(
-            model, loss_fn, observable_fn, train_loader, train_samples, queries, cfg, snapshot, n_beta
-        )
-        sampler.measure_anchor()
+        args = (model, loss_fn, observable_fn, train_loader, train_samples, queries, cfg, snapshot, n_beta)
+        sampler = _make_sampler(cfg, selected, args)
+        if cfg.control_variate is not None:
+            control = _control_variate(sampler, selected, cfg)
+            sampler.control_variate = control
         n_x, n_y = sampler.ref_x.shape[0], sampler.ref_y.shape[0]
         elements = cfg.chains * cfg.draws * (n_x + n_y)
         online = cfg.online if cfg.online is not None else elements > cfg.max_traces_in_memory
         store = make_store(cfg.chains, cfg.draws, n_x, n_y, cfg.trace_dtype, online)
+        sampling_start = time.perf_counter()
         traces = sampler.run(store, progress)
+        sampling_seconds = time.perf_counter() - sampling_start
     finally:
         snapshot.restore()
     n_beta = sampler.n_beta
 
-    cov, corr = covariance_and_correlation(store)
+    cov, corr = covariance_and_correlation(store, None if control is None else control.correction())
     out_shape = (n_x,) + sampler.observable_shape
     bif = (-cov).reshape(out_shape)
     influence = bif * (n_beta / dataset_size) if dataset_size else None
@@ -165,7 +174,50 @@ def bayesian_influence(
         n_draws=cfg.chains * cfg.draws,
         online=bool(online),
         seconds=time.perf_counter() - start,
+        batched=isinstance(sampler, BatchedSGLDSampler),
+        sampling_seconds=sampling_seconds,
     )
+
+
+def _make_sampler(cfg: BIFConfig, selected: list, args: tuple) -> SGLDSampler:
+    """The batched sampler when ``cfg.batched`` asks for it (and, for ``None``, when the model
+    passes the vmap probe), else the sequential one; the anchor at w* is measured once."""
+    sequential = SGLDSampler(*args)
+    sequential.measure_anchor()
+    if cfg.batched is False:
+        return sequential
+    devices = {p.device for _, p in selected}
+    try:
+        if len(devices) > 1:
+            raise ConfigurationError("BIF batched=True needs every sampled parameter on one device; found "
+                                     f"{sorted(map(str, devices))}. Set BIFConfig(batched=False).")
+        batched = BatchedSGLDSampler(*args)
+        batched.adopt_anchor(sequential)
+        batched.probe()
+        return batched
+    except ConfigurationError as exc:
+        if cfg.batched:
+            raise
+        warnings.warn(f"{exc} Running the chains one after another.", stacklevel=3)
+        return sequential
+
+
+def _control_variate(sampler: SGLDSampler, selected: list, cfg: BIFConfig) -> CoupledGaussianCV:
+    """The coupled-chain control variate, with the per-sample gradients of every traced value at w*."""
+    names = [n for n, _ in selected]
+    functional = FunctionalModel(sampler.model, names)
+    anchor = dict(zip(names, sampler.snapshot.anchors))
+    size = cfg.eval_batch_size
+    grad_x = per_sample_jacobian(functional, sampler.loss_fn, anchor, sampler.train_samples, size,
+                                 "train_samples", True)
+    grad_y = per_sample_jacobian(functional, sampler.observable_fn, anchor, sampler.queries, size,
+                                 "queries", False)
+    if sampler.n_beta is None:
+        batch = next(iter(sampler.train_loader))
+        with torch.no_grad():
+            sampler.n_beta = default_n_beta(len(sampler.loss_fn(sampler.model, batch)))
+    return CoupledGaussianCV(cfg.control_variate, grad_x, grad_y, cfg.chains, cfg.step_size, cfg.gamma,
+                             sampler.n_beta)
 
 
 __all__ = ["bayesian_influence"]

@@ -9,7 +9,7 @@ per-sample R̂ and ESS.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -89,10 +89,20 @@ def make_store(
     return OnlineMoments(n_x, n_y, dtype) if online else TraceStore(chains, draws, n_x, n_y, dtype)
 
 
-def covariance_and_correlation(store: MomentStore) -> tuple[torch.Tensor, torch.Tensor]:
+def covariance_and_correlation(
+    store: MomentStore, correction: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Cov(x, y), Corr(x, y))``, both ``[n_x, n_y]`` fp64; the correlation is ``nan`` where
-    either trace is constant."""
+    either trace is constant.
+
+    Args:
+        store: the pooled draws.
+        correction: ``[n_x, n_y]`` zero-mean control variate subtracted from the covariance (the
+            correlation is then the corrected covariance over the plain standard deviations).
+    """
     cov, var_x, var_y = store.moments()
+    if correction is not None:
+        cov = cov - correction
     denom = torch.sqrt(torch.outer(var_x, var_y))
     safe = torch.where(denom > 0, denom, torch.ones_like(denom))
     corr = torch.where(denom > 0, cov / safe, torch.full_like(cov, float("nan")))

@@ -34,6 +34,8 @@ class BIFResult:
         n_draws: pooled draws C·T.
         online: whether the online (co-moment) path was used.
         seconds: wall time of the whole call.
+        batched: whether the chains ran together (vmapped over stacked parameters).
+        sampling_seconds: wall time of the SGLD steps and draws alone (no setup, no reduction).
     """
 
     bif: torch.Tensor
@@ -46,6 +48,13 @@ class BIFResult:
     n_draws: int
     online: bool
     seconds: float
+    batched: bool = False
+    sampling_seconds: float = float("nan")
+
+    @property
+    def draws_per_second(self) -> float:
+        """Pooled draws C·T per second of sampling (SGLD steps included)."""
+        return self.n_draws / self.sampling_seconds
 
     def rank_stability(self, other: "BIFResult") -> float:
         """Mean per-observable Spearman between this run's BIF and ``other``'s (see module fn)."""
@@ -75,7 +84,9 @@ class BIFResult:
         lines.append(
             f"drift |w-w*|/|w*|: mean {100 * d.drift_fraction:.3g}%, max {100 * float(d.drift.max()):.3g}%"
         )
-        lines.append(f"time: {self.seconds:.2f} s")
+        lines.append(f"time: {self.seconds:.2f} s ({self.draws_per_second:.0f} draws/s, "
+                     f"{'batched' if self.batched else 'sequential'} chains"
+                     f"{', control variate ' + cfg.control_variate if cfg.control_variate else ''})")
         if not (d.rhat < 1.05):
             lines.append("warning: R-hat >= 1.05: chains disagree; raise burn_in or draws, or gamma.")
         if not (d.ess >= 100):

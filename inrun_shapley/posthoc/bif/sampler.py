@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset, default_collate
 from tqdm.auto import tqdm
 
 from inrun_shapley.errors import ConfigurationError, NonFiniteError
 from inrun_shapley.posthoc.bif.config import BIFConfig, LossFn, ParamSelection, default_n_beta
+from inrun_shapley.posthoc.bif.control_variate import CoupledGaussianCV, flatten
 from inrun_shapley.posthoc.bif.evaluation import evaluate
 from inrun_shapley.posthoc.bif.moments import MomentStore
 
@@ -117,15 +119,49 @@ def chain_seed(seed: int, chain: int) -> int:
     return int(np.random.SeedSequence([seed & 0xFFFFFFFF, chain]).generate_state(1)[0])
 
 
+def _tensor_batches(loader: Any) -> Optional[Callable[[], Iterator[Any]]]:
+    """For a plain single-process ``DataLoader`` over a ``TensorDataset`` with the default
+    collation: a function giving one pass whose batches are the dataset's tensors indexed by the
+    loader's own index lists. Same batches, bit for bit, and the same global-RNG use (the loader's
+    iterator is created as usual) as iterating the loader, without collating row by row. None
+    for any other loader."""
+    fits = (
+        isinstance(loader, DataLoader) and isinstance(loader.dataset, TensorDataset)
+        and loader.num_workers == 0 and loader.collate_fn is default_collate and not loader.pin_memory
+        and loader.batch_sampler is not None
+    )
+    if not fits:
+        return None
+    tensors = loader.dataset.tensors
+
+    def one_pass() -> Iterator[Any]:
+        iterator = iter(loader)
+        next_index = getattr(iterator, "_next_index", None)
+        if next_index is None:  # a torch without this iterator method: iterate the loader itself
+            yield from iterator
+            return
+        while True:
+            try:
+                index = torch.as_tensor(next_index(), dtype=torch.long)
+            except StopIteration:
+                return
+            yield [t[index] for t in tensors]
+
+    return one_pass
+
+
 def cycle(loader: Any) -> Iterator[Any]:
     """Iterate ``loader`` again and again (a fresh pass, reshuffled if it shuffles, each time).
+
+    A ``DataLoader`` over a ``TensorDataset`` is read by index (see :func:`_tensor_batches`).
 
     Raises:
         ConfigurationError: a pass yields no batch.
     """
+    one_pass = _tensor_batches(loader)
     while True:
         empty = True
-        for batch in loader:
+        for batch in (one_pass() if one_pass is not None else loader):
             empty = False
             yield batch
         if empty:
@@ -185,6 +221,7 @@ class SGLDSampler:
         self.snapshot = snapshot
         self.n_beta = n_beta
         self.anchor_norm = snapshot.anchor_norm()
+        self.control_variate: Optional[CoupledGaussianCV] = None  # set by the caller after measure_anchor
 
     def traced_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ℓ [n_x], φ [n_queries, ...])`` at the current weights, without gradients."""
@@ -286,6 +323,7 @@ class SGLDSampler:
                                      f"{cfg.divergence_factor:g} x the loss at w* ({self.limit:.4g})")
             grads = torch.autograd.grad(loss, sampled, allow_unused=True)
         half_eps, noise_scale = cfg.step_size / 2, math.sqrt(cfg.step_size)
+        noises = []
         with torch.no_grad():
             for p, g, w0 in zip(sampled, grads, anchors):
                 force = (p - w0).mul_(cfg.gamma)
@@ -294,6 +332,9 @@ class SGLDSampler:
                 p.add_(force, alpha=-half_eps)
                 noise = torch.randn(p.shape, generator=generators[p.device], device=p.device, dtype=p.dtype)
                 p.add_(noise, alpha=noise_scale)
+                noises.append(noise)
+            if self.control_variate is not None:
+                self.control_variate.step(flatten(noises, chains=False), chain)
 
     def _record_draw(
         self, chain: int, step: int, draw: int, store: MomentStore, traces: SamplerTraces, bar: Any
@@ -311,6 +352,8 @@ class SGLDSampler:
             raise self._diverged(chain, where, f"the mean traced loss {mean_x:.4g} exceeds "
                                  f"{cfg.divergence_factor:g} x the loss at w* ({self.limit:.4g})")
         store.add(chain, draw, (x - self.ref_x).cpu(), (y - self.ref_y).cpu())
+        if self.control_variate is not None:
+            self.control_variate.record(chain)
         traces.loss[chain, draw] = mean_x
         traces.observable[chain, draw] = float(y.double().mean())
         traces.drift[chain, draw] = dist / self.anchor_norm
