@@ -16,7 +16,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from inrun_shapley.capture.outputs import tensor_leaves
 from inrun_shapley.capture.registry import Capture, CaptureRule, register_rule, up
+from inrun_shapley.errors import UnsupportedModuleError
 
 
 def _replay_rng(state):
@@ -38,26 +40,37 @@ def _replay_rng(state):
     return _Replay()
 
 
-def _tensor_outputs(out) -> list:
-    if isinstance(out, Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [o if isinstance(o, Tensor) else None for o in out]
-    raise TypeError(f"unsupported output type {type(out).__name__}")
+def _tensor_outputs(out) -> list[Tensor]:
+    """Every tensor output of a call, at any nesting depth (see :func:`tensor_leaves`)."""
+    return tensor_leaves(out)
+
+
+def _rows_sum(t: Tensor, g: Tensor, dim: int, n: int) -> Tensor:
+    """``[n]``: ``sum(t * g)`` over everything but dimension ``dim`` (of size ``n``)."""
+    return (up(t) * up(g)).movedim(dim, 0).reshape(n, -1).sum(1)
 
 
 class JVPRule(CaptureRule):
-    """Fallback for modules with parameters and no dedicated rule (exact, one JVP per direction)."""
+    """Fallback for modules with parameters and no dedicated rule (exact, one JVP per direction).
+
+    Every floating tensor output counts, at any nesting depth, each summed over everything but
+    its row dimension (:meth:`~inrun_shapley.capture.registry.CaptureRule.output_sample_dims`).
+    """
 
     kind = "jvp"
     needs_rng = True
     reads_parameters = True
 
+    def replay_context(self):
+        """Context of the replayed forward: scaled-dot-product attention on its math kernel (the
+        fused kernels have no forward-mode derivative)."""
+        return sdpa_kernel([SDPBackend.MATH])
+
     def dot(self, module: nn.Module, capture: Capture, directions: Mapping[str, Tensor], theta=None) -> Tensor:
         params = {name: p.detach() for name, p in self.parameters(module).items()}
         if theta is not None:  # linearize where the gradients were taken, not where the step went
             params.update(theta)
-        n = next(a for a in capture.args if isinstance(a, Tensor)).shape[0]
+        n = self.rows(module, capture.args, capture.kwargs)
         q = next(iter(directions.values())).shape[0]
         cols = []
         for i in range(q):
@@ -67,20 +80,28 @@ class JVPRule(CaptureRule):
             }
 
             slots: list[int] = []
+            dims: list[int] = []
 
             def forward(theta):
                 outs = _tensor_outputs(functional_call(module, theta, capture.args, capture.kwargs))
-                slots[:] = [k for k, o in enumerate(outs) if o is not None]
-                return tuple(outs[k] for k in slots)  # jvp takes tensor outputs only
+                dims[:] = self.output_sample_dims(module, outs)
+                slots[:] = [k for k, o in enumerate(outs) if o.is_floating_point()]
+                return tuple(outs[k] for k in slots)  # jvp takes floating tensor outputs only
 
-            # the fused attention kernels have no forward-mode derivative: replay with the math one
-            with _replay_rng(capture.rng_state), sdpa_kernel([SDPBackend.MATH]):
-                _, out_tangents = jvp(forward, (params,), (tangents,))
+            try:
+                with _replay_rng(capture.rng_state), self.replay_context():
+                    _, out_tangents = jvp(forward, (params,), (tangents,))
+            except NotImplementedError as err:  # an operation without a forward-mode derivative
+                raise UnsupportedModuleError(
+                    f"{type(module).__name__}: the generic capture rule needs forward-mode derivatives, "
+                    f"and an operation of this module has none ({str(err).splitlines()[0]}); pass "
+                    "exclude=[<this module's name>] to leave its parameters out of the values"
+                ) from None
             col = torch.zeros(n, dtype=up(next(iter(directions.values()))).dtype, device=next(iter(params.values())).device)
             for k, t in zip(slots, out_tangents):
                 g = capture.grad_outputs[k] if k < len(capture.grad_outputs) else None
                 if g is not None:
-                    col = col + (up(t) * up(g)).reshape(n, -1).sum(1)
+                    col = col + _rows_sum(t, g, dims[k], n)
             cols.append(col)
         return torch.stack(cols, dim=1)
 

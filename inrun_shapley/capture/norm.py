@@ -96,6 +96,22 @@ class GroupNormRule(CaptureRule):
         return _channel_affine_dot(x_hat, up(capture.grad_output), directions)
 
 
+BATCH_STATISTICS = (
+    "BatchNorm in training mode couples the samples of a batch (it normalizes with the batch's "
+    "statistics), so every layer's per-sample values would be approximate, whether or not the "
+    "BatchNorm itself has trainable weights; put it in eval mode (running statistics: "
+    "module.eval()), replace it with GroupNorm/LayerNorm, or pass strict=False to accept "
+    "approximate values (with a warning)"
+)
+
+
+def uses_batch_statistics(module: nn.Module) -> bool:
+    """A BatchNorm that normalizes with the current batch's statistics (training mode, or no
+    running statistics kept)."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+        module.training or module.running_mean is None)
+
+
 @register_rule(nn.modules.batchnorm._BatchNorm)
 class BatchNormRule(CaptureRule):
     """BatchNorm in training mode normalizes with statistics of the whole batch, so one sample's
@@ -105,13 +121,7 @@ class BatchNormRule(CaptureRule):
     kind = "batchnorm"
 
     def check(self, module: nn.Module) -> str | None:
-        if module.training or module.running_mean is None:
-            return (
-                "BatchNorm in training mode couples the samples of a batch (batch statistics); "
-                "replace it with GroupNorm/LayerNorm, freeze it (requires_grad_(False) and .eval()), "
-                "or pass exclude=[...] with this module's name to leave its parameters out of the values"
-            )
-        return None
+        return BATCH_STATISTICS if uses_batch_statistics(module) else None
 
     def dot(self, module: nn.Module, capture: Capture, directions: Mapping[str, Tensor], theta=None) -> Tensor:
         x = up(capture.args[0])

@@ -71,12 +71,33 @@ class CaptureRule:
         reads_parameters: if True the rule needs the parameter values at which the step's
             gradients were taken (``theta``); the tracker then keeps a copy of them from the step
             pre-hook, because the module's own parameters have already moved when rules run.
+        broadcastable: if True a call whose input has a leading dimension of 1 in a batch of
+            several samples (a module shared by every sample, like a position embedding) is
+            captured with its input and output expanded to the batch, so that each sample gets
+            its own output gradient (see :mod:`~inrun_shapley.engine.capture_session`).
     """
 
     kind: str = "rule"
     owns_children: bool = False
     needs_rng: bool = False
     reads_parameters: bool = False
+    broadcastable: bool = True
+
+    def rows(self, module: nn.Module, args: tuple, kwargs: dict) -> int | None:
+        """Size of the call's row dimension: the first dimension of its first tensor input
+        (positional, else keyword); None when that input has no dimension.
+
+        Rows are samples, or samples × positions flattened sample-major into the first dimension.
+        """
+        first = next((a for a in args if isinstance(a, Tensor)), None)
+        if first is None:
+            first = next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+        return first.shape[0] if first is not None and first.dim() > 0 else None
+
+    def output_sample_dims(self, module: nn.Module, outputs: list[Tensor]) -> list[int]:
+        """The row dimension of each tensor output (as flattened by
+        :func:`~inrun_shapley.capture.outputs.tensor_leaves`): 0 unless the layer says otherwise."""
+        return [0] * len(outputs)
 
     def parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
         """Trainable parameters this rule accounts for, keyed by name relative to ``module``."""

@@ -27,6 +27,35 @@ class Gate(nn.Module):
         return x * torch.tanh(self.w) + self.c
 
 
+class NestedGate(nn.Module):
+    """No dedicated rule, outputs nested in a tuple, a dict and a named tuple (all read by the loss)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d))
+        self.c = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        y = x * torch.tanh(self.w)
+        pair = torch.return_types.max((y.sin(), y.argmax(-1)))  # a named tuple (values, indices)
+        return y + self.c, ({"a": y * self.c, "b": (y.exp(), "tag")}, pair)
+
+
+def _nested_sum(f, x):
+    y, (d, pair) = f(x)
+    return torch.cat([y, d["a"], d["b"][0].cos(), pair.values], dim=-1)
+
+
+def _recurrent(batch_first):
+    """Every output of a recurrent layer, per row: ``out`` then ``h_n`` (and ``c_n``), samples first."""
+    def call(f, x):
+        out, h = f(x if batch_first else x.transpose(0, 1))
+        out = out if batch_first else out.transpose(0, 1)
+        hs = h if isinstance(h, tuple) else (h,)
+        return torch.cat([out.flatten(1)] + [s.transpose(0, 1).flatten(1) for s in hs], dim=1)
+    return call
+
+
 def _bn_eval(module):
     module.running_mean.normal_()
     module.running_var.uniform_(0.5, 2.0)
@@ -63,21 +92,30 @@ CASES = {
     "multihead_attention": (lambda: nn.MultiheadAttention(4, 2, batch_first=True), lambda: (torch.randn(N, 3, 4),),
                             lambda f, x: f(x, x, x)[0]),
     "generic_jvp": (lambda: Gate(4), lambda: (torch.randn(N, 3, 4),), None),
+    "generic_jvp_nested_outputs": (lambda: NestedGate(4), lambda: (torch.randn(N, 3, 4),), _nested_sum),
+    "rnn": (lambda: nn.RNN(3, 4, num_layers=2, batch_first=True), lambda: (torch.randn(N, 4, 3),), _recurrent(True)),
+    "gru_seq_first_bidirectional": (lambda: nn.GRU(3, 4, num_layers=2, bidirectional=True),
+                                    lambda: (torch.randn(N, 4, 3),), _recurrent(False)),
+    "lstm_multilayer": (lambda: nn.LSTM(3, 4, num_layers=3, batch_first=True), lambda: (torch.randn(N, 4, 3),),
+                        _recurrent(True)),
+    "lstm_seq_first_proj": (lambda: nn.LSTM(3, 5, num_layers=2, proj_size=2, bidirectional=True),
+                            lambda: (torch.randn(N, 4, 3),), _recurrent(False)),
 }
+RECURRENT = {name for name in CASES if name.startswith(("rnn", "gru", "lstm"))}  # torch.func.vmap has no rule
 
 
 def _call(call, f, *inputs):
     return f(*inputs) if call is None else call(f, *inputs)
 
 
-def _param_dict_dot(module, inputs, call, weights):
+def _param_dict_dot(module, inputs, call, weights, loop=False):
     """Per-row loss ``sum(out * weights)``: per-sample gradients dotted with a random direction."""
     directions = {n: torch.randn_like(p) for n, p in module.named_parameters()}
 
     def loss_of_row(f, *row):
         return (_call(call, f, *row) * weights[:1]).sum()
 
-    ref = oracles.per_sample_direction_dots(module, loss_of_row, inputs, directions)
+    ref = oracles.per_sample_direction_dots(module, loss_of_row, inputs, directions, loop=loop)
     return directions, ref
 
 
@@ -99,7 +137,7 @@ def test_rule_dot_equals_per_sample_gradients(name):
     session.end()
     session.detach()
 
-    directions, ref = _param_dict_dot(module, inputs, call, weights)
+    directions, ref = _param_dict_dot(module, inputs, call, weights, loop=name in RECURRENT)
     by_name = dict(module.named_parameters())
     rel = {pn: pn for pn in tracked.params}
     dirs = {pn: directions[rel[pn]].unsqueeze(0) for pn in tracked.params if by_name[pn].requires_grad}
