@@ -165,12 +165,14 @@ def test_detach_removes_every_hook():
 
 def test_batchnorm_excluded_on_request_and_reported():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    model[1].eval()  # in training mode it is refused even when excluded (it couples the samples)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     val = (torch.randn(4, 3), torch.randn(4, 1))
     tr = ShapleyTracker(model, opt, val_data=val, val_loss_fn=_mse_rows, exclude=["1"])
     status = {r.name: r.status for r in tr.report()}
     assert status == {"0": "tracked", "1": "excluded", "2": "tracked"}
     assert tr.untracked_optimized == ["1.weight", "1.bias"]
+    model[1].train()
     with pytest.warns(UserWarning, match="BatchNorm"):
         ShapleyTracker(model, opt, val_data=val, val_loss_fn=_mse_rows, strict=False).detach()
     tr.detach()

@@ -5,6 +5,22 @@ modules keep each call's inputs ``a`` (detached, no copy) and tensor hooks on it
 output gradients ``b``. Micro-batches wait in ``pending`` until the optimizer step that uses
 their gradients scores them.
 
+Rows. Each call's rows are the first dimension of its first input (a rule may say otherwise:
+recurrent layers with ``batch_first=False``). A call sees either the micro-batch's ``n`` samples,
+or samples flattened sample-major with their positions (``[n·T, ...]``, e.g. a head applied to
+``h.view(-1, d)``); at least one tracked call of each micro-batch must see exactly ``n`` rows, so
+that fewer ids than samples is caught. A call whose input has a leading dimension of 1 while
+the micro-batch has several samples is a module shared by every sample (a position embedding
+``pos(position_ids)`` with ``position_ids`` of shape ``[1, T]``): its output is replaced by the
+same values expanded to ``[n, ...]`` (a view: it broadcasts exactly as the ``[1, ...]`` output
+did), and its input is recorded expanded the same way, so that each sample gets its own output
+gradient and the rules see an ordinary per-sample call. Code that indexes the shared output
+(``pos_out[0]``) instead of broadcasting it would give every value to the first sample; an
+input of leading dimension ``k·n`` is always read as ``n`` samples flattened sample-major.
+
+BatchNorm. Every BatchNorm of the model is watched (forward pre-hook): one normalizing with
+batch statistics while a micro-batch is captured is refused (or, ``strict=False``, warned once).
+
 A tracker's own passes (validation gradients, replays) run under :meth:`CaptureSession.suspend`,
 which pauses this session only. Another tracker's passes on the same model are told apart
 because they run on stand-in parameters (``torch.func.functional_call``): a call in which the
@@ -21,11 +37,12 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from inrun_shapley.batches import detach
+from inrun_shapley.batches import detach, leading_dim
 from inrun_shapley.capture import Capture
-from inrun_shapley.capture.jvp import _tensor_outputs
+from inrun_shapley.capture.norm import BATCH_STATISTICS, uses_batch_statistics
+from inrun_shapley.capture.outputs import map_outputs, tensor_leaves
 from inrun_shapley.engine.ids import as_sample_ids, check_disjoint
-from inrun_shapley.engine.tracked import TrackedModule
+from inrun_shapley.engine.tracked import TrackedModule, warn_batch_statistics
 from inrun_shapley.errors import SampleIdError, UnsupportedModuleError
 
 __all__ = ["CaptureSession", "MicroBatch"]
@@ -37,11 +54,47 @@ class MicroBatch:
 
     ids: Tensor  # [n] int64 (CPU)
     captures: dict[str, list[Capture]] = field(default_factory=dict)
+    rows_seen: set = field(default_factory=set)  # rows of the tracked calls, shared calls left out
+    data_rows: set = field(default_factory=set)  # rows of the model's input and of tracked inputs off the graph
+    shared: list = field(default_factory=list)  # names of the modules called on one row shared by the samples
 
     @property
     def complete(self) -> bool:
         """A gradient reached at least one tracked module call."""
         return any(c.complete for caps in self.captures.values() for c in caps)
+
+    def check_rows(self) -> None:
+        """Raise unless the batch is seen to have exactly one row per sample id.
+
+        A tracked call on exactly ``n`` rows is the evidence; when a call was shared by the
+        samples (its output expanded to ``n`` rows), only rows no expansion can have produced
+        count: the model's own input, or a tracked input that does not require gradients.
+
+        Raises:
+            SampleIdError: no such evidence: fewer ids than samples would lump several samples
+                onto one id, more ids than samples would split one sample's shared call.
+        """
+        n = self.ids.numel()
+        if not self.complete:
+            return
+        if self.shared:
+            if n in self.data_rows:
+                return
+            raise SampleIdError(
+                f"module(s) {sorted(set(self.shared))} were called on one row shared by the batch's {n} sample "
+                f"ids, but the model's input had first dimension {sorted(self.data_rows) or 'unknown'}: give "
+                "one id per sample of the batch (a module shared by every sample, like a position "
+                "embedding, is only valued inside a batch whose samples the model sees)"
+            )
+        if n in self.rows_seen or n in self.data_rows:
+            return
+        raise SampleIdError(
+            f"the batch has {n} sample ids, but no tracked module was called on {n} rows (first "
+            f"dimensions seen: {sorted(self.rows_seen | self.data_rows)}): give one id per sample of the "
+            "batch. Layers applied to samples flattened with their positions ([n*T, ...]) are read "
+            "sample-major, which needs at least one tracked layer seeing the n samples themselves "
+            "(keep [n, T, ...] there: Linear, Embedding and the norms take any leading dimensions)"
+        )
 
 
 def _resolve(module: nn.Module, path: str):
@@ -60,6 +113,11 @@ class CaptureSession:
 
     def __init__(self, modules: Mapping[str, TrackedModule]):
         self.modules = dict(modules)
+        self._batch_norms = dict(getattr(modules, "batch_norms", {}))  # watched, tracked or not
+        self._strict = getattr(modules, "strict", True)
+        self._root = getattr(modules, "root", None)
+        # strict=False: warned at construction for these; the forward check warns for the others
+        self._warned_batch_norm = any(uses_batch_statistics(m) for m in self._batch_norms.values())
         self.open: MicroBatch | None = None
         self.open_consumed = False  # the open micro-batch was already scored (Lightning's order)
         self.pending: list[MicroBatch] = []
@@ -76,6 +134,10 @@ class CaptureSession:
             if tracked.rule.needs_rng:
                 self._handles.append(tracked.module.register_forward_pre_hook(partial(self._save_rng, name)))
             self._handles.append(tracked.module.register_forward_hook(partial(self._capture, name), with_kwargs=True))
+        for name, module in self._batch_norms.items():
+            self._handles.append(module.register_forward_pre_hook(partial(self._check_batch_norm, name)))
+        if self._root is not None:
+            self._handles.append(self._root.register_forward_pre_hook(self._see_model_input, with_kwargs=True))
         return list(self._handles)
 
     def detach(self) -> None:
@@ -108,34 +170,89 @@ class CaptureSession:
             cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
             self._rng_states[name] = (torch.get_rng_state(), cuda)
 
-    def _capture(self, name: str, module, args, kwargs, output) -> None:
-        if not self.capturing() or not self._own_parameters(name, module):
+    def _see_model_input(self, module, args, kwargs) -> None:
+        if self.capturing():
+            rows = leading_dim((args, kwargs))
+            if rows is not None:
+                self.open.data_rows.add(rows)
+
+    def _check_batch_norm(self, name: str, module, args) -> None:
+        if not self.capturing() or not uses_batch_statistics(module):
             return
+        if self._strict:
+            raise UnsupportedModuleError(f"module {name!r} ({type(module).__name__}): {BATCH_STATISTICS}")
+        if not self._warned_batch_norm:
+            self._warned_batch_norm = True
+            warn_batch_statistics([name], stacklevel=2)
+
+    def _capture(self, name: str, module, args, kwargs, output):
+        if not self.capturing() or not self._own_parameters(name, module):
+            return None
         rule = self.modules[name].rule
         reason = rule.check(module)
+        if reason == BATCH_STATISTICS and not self._strict:
+            return None  # warned by the pre-hook; this BatchNorm's own parameters get no values
         if reason:
             raise UnsupportedModuleError(f"module {name!r} ({type(module).__name__}): {reason}")
-        first = next((a for a in args if isinstance(a, Tensor)), None)
-        if first is None:
-            first = next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
         n_ids = self.open.ids.numel()
-        rows = first.shape[0] if first is not None and first.dim() > 0 else None
-        if rows is None or rows % n_ids != 0:
+        rows = rule.rows(module, args, kwargs)
+        shared = rows == 1 and n_ids > 1
+        if shared and not rule.broadcastable:
+            raise SampleIdError(
+                f"module {name!r} ({type(module).__name__}) was called on 1 row, but the batch has "
+                f"{n_ids} sample ids: give it the batch's {n_ids} samples (one id per sample)"
+            )
+        if not shared and (rows is None or rows % n_ids != 0):
             raise SampleIdError(
                 f"module {name!r} ({type(module).__name__}) was called on an input with first dimension "
                 f"{rows}, but the batch has {n_ids} sample ids. The tracker needs the sample dimension "
-                "first (or samples flattened sample-major into it): give one id per row of the batch"
+                "first (or samples flattened sample-major into it): give one id per row of the batch. "
+                "A module shared by every sample (e.g. a position embedding pos(torch.arange(T))) "
+                "must be called on a leading dimension of 1: pos(torch.arange(T)[None]) (or "
+                "position_ids[None]); its [1, T, ...] output broadcasts over the batch as before"
             )
-        try:
-            outputs = _tensor_outputs(output)
-        except TypeError as err:
-            raise UnsupportedModuleError(f"module {name!r} ({type(module).__name__}): {err}") from None
+        if shared:
+            args, kwargs, output = self._expand_shared(name, module, args, kwargs, output, n_ids)
         cap = Capture(args=detach(args), kwargs=detach(kwargs), rng_state=self._rng_states.pop(name, None))
+        outputs = tensor_leaves(output)
         cap.grad_outputs = [None] * len(outputs)
         for j, out in enumerate(outputs):
-            if out is not None and out.requires_grad:
+            if out.requires_grad:
                 out.register_hook(partial(self._store_grad, cap, j))
         self.open.captures.setdefault(name, []).append(cap)
+        if shared:
+            self.open.shared.append(name)
+        else:
+            self.open.rows_seen.add(rows)
+            if not any(isinstance(t, Tensor) and t.requires_grad for t in tensor_leaves((args, kwargs))):
+                self.open.data_rows.add(rows)  # rows no expanded output can have produced
+        return output if shared else None
+
+    @staticmethod
+    def _expand_shared(name: str, module, args, kwargs, output, n: int):
+        """A call shared by the ``n`` samples: its first tensor input and its outputs expanded
+        from ``[1, ...]`` to ``[n, ...]`` (views; an output another hook already expanded stays)."""
+        def expand(t: Tensor) -> Tensor:
+            if t.dim() > 0 and t.shape[0] == 1:
+                return t.expand(n, *t.shape[1:])
+            if t.dim() > 0 and t.shape[0] == n or not t.is_floating_point():
+                return t
+            raise SampleIdError(
+                f"module {name!r} ({type(module).__name__}) was called on one row shared by the "
+                f"batch's {n} samples, but returned a tensor of shape {tuple(t.shape)}: a shared "
+                "module must keep the leading dimension of 1 in its outputs"
+            )
+
+        args = list(args)
+        for i, a in enumerate(args):
+            if isinstance(a, Tensor):
+                args[i] = a.expand(n, *a.shape[1:])
+                break
+        else:
+            kwargs = dict(kwargs)
+            key = next(k for k, v in kwargs.items() if isinstance(v, Tensor))
+            kwargs[key] = kwargs[key].expand(n, *kwargs[key].shape[1:])
+        return tuple(args), kwargs, map_outputs(expand, output)
 
     @staticmethod
     def _store_grad(cap: Capture, j: int, grad: Tensor) -> None:
@@ -160,13 +277,17 @@ class CaptureSession:
     def end(self) -> None:
         """Close the open micro-batch; kept for the next step if a gradient reached it."""
         mb = self.open
-        if mb is not None and not self.open_consumed and mb.complete:
-            self.pending.append(mb)
         self.open = None
+        if mb is not None and not self.open_consumed and mb.complete:
+            mb.check_rows()
+            self.pending.append(mb)
 
     def step_batches(self) -> list[MicroBatch]:
         """The micro-batches a step now happening scores: pending, plus the open one unless scored."""
-        return self.pending + ([self.open] if self.open is not None and not self.open_consumed else [])
+        batches = self.pending + ([self.open] if self.open is not None and not self.open_consumed else [])
+        for mb in batches:
+            mb.check_rows()
+        return batches
 
     def all_batches(self) -> list[MicroBatch]:
         """Pending and open micro-batches (for shape probes)."""

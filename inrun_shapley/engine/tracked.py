@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from inrun_shapley.capture import JVP_RULE, CaptureRule, rule_for
+from inrun_shapley.capture.norm import BATCH_STATISTICS, uses_batch_statistics
 from inrun_shapley.errors import ConfigurationError, UnsupportedModuleError
 
-__all__ = ["ModuleReport", "TrackedModule", "TrackedParameters", "plan_modules", "plan_parameters"]
+__all__ = ["ModuleReport", "TrackedModule", "TrackedModules", "TrackedParameters", "plan_modules", "plan_parameters",
+           "warn_batch_statistics"]
 
 
 @dataclass
@@ -34,29 +36,55 @@ class TrackedModule(NamedTuple):
     params: dict[str, nn.Parameter]
 
 
+class TrackedModules(dict):
+    """``{qualified name: TrackedModule}``, plus what the capture session watches besides them.
+
+    Attributes:
+        batch_norms: ``{qualified name: module}`` of every BatchNorm of the model, tracked or
+            not: one in training mode couples the samples of a batch (checked at each forward).
+        strict: raise on such coupling (else warn once: values approximate).
+        root: the model, whose input's first dimension tells how many samples a batch has.
+    """
+
+    def __init__(self, *args, batch_norms: dict[str, nn.Module] | None = None, strict: bool = True,
+                 root: nn.Module | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batch_norms = dict(batch_norms or {})
+        self.strict = strict
+        self.root = root
+
+
 def _under(name: str, prefixes: Iterable[str]) -> bool:
     return any(name == o or name.startswith(o + ".") for o in prefixes)
 
 
 def plan_modules(model: nn.Module, exclude: Iterable[str], strict: bool,
-                 stacklevel: int = 3) -> tuple[dict[str, TrackedModule], list[ModuleReport]]:
+                 stacklevel: int = 3) -> tuple[TrackedModules, list[ModuleReport]]:
     """Pick a capture rule for every module with trainable parameters (MRO lookup, else the JVP rule).
+
+    Any BatchNorm of the model that normalizes with batch statistics (training mode) is refused
+    too, tracked or not, excluded or not: it couples the samples, so every layer's values would
+    be approximate.
 
     Args:
         model: the model.
         exclude: module names (or name prefixes) left out of the values.
-        strict: raise on modules that cannot be tracked; else exclude them with one warning.
-        stacklevel: of that warning.
+        strict: raise on modules that cannot be tracked and on a BatchNorm in training mode;
+            else exclude the former and accept approximate values with one warning each.
+        stacklevel: of those warnings.
 
     Returns:
-        ``({qualified name: TrackedModule}, one report row per module with trainable parameters)``.
+        ``(TrackedModules, one report row per module with trainable parameters)``.
 
     Raises:
-        UnsupportedModuleError: a module cannot be tracked and ``strict`` (every such module is
-            listed with its reason), or nothing can be tracked.
+        UnsupportedModuleError: a module cannot be tracked or a BatchNorm is in training mode,
+            and ``strict`` (every such module is listed with its reason), or nothing can be tracked.
     """
     exclude = tuple(exclude)
-    modules: dict[str, TrackedModule] = {}
+    batch_norms = {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    coupled = [(name, type(m).__name__, BATCH_STATISTICS) for name, m in batch_norms.items()
+               if uses_batch_statistics(m)]
+    modules = TrackedModules(batch_norms=batch_norms, strict=strict, root=model)
     reports: list[ModuleReport] = []
     owned: set[str] = set()
     problems = []
@@ -73,24 +101,40 @@ def plan_modules(model: nn.Module, exclude: Iterable[str], strict: bool,
             continue
         reason = rule.check(module)
         if reason:
-            problems.append((name, type(module).__name__, reason))
+            if reason != BATCH_STATISTICS:  # listed with every coupling BatchNorm
+                problems.append((name, type(module).__name__, reason))
             reports.append(row(f"unsupported: {reason}"))
             continue
         modules[name] = TrackedModule(module, rule, params)
         reports.append(row("tracked"))
         if rule.owns_children:
             owned.add(name)
-    if problems:
-        lines = "\n".join(f"  - {n or '<root>'} ({t}): {r}" for n, t, r in problems)
+    if problems or coupled:
+        lines = "\n".join(f"  - {n or '<root>'} ({t}): {r}" for n, t, r in problems + coupled)
         if strict:
             raise UnsupportedModuleError(
-                f"{len(problems)} module(s) cannot be tracked:\n{lines}\n"
-                "Fix them, or pass exclude=[names] (or strict=False) to leave their parameters out."
+                f"{len(problems) + len(coupled)} module(s) cannot be tracked:\n{lines}\n"
+                "Fix them, or pass exclude=[names] (or strict=False) to leave their parameters out"
+                + (" (a BatchNorm in training mode: see its line)." if coupled else ".")
             )
+    if problems and not strict:
+        lines = "\n".join(f"  - {n or '<root>'} ({t}): {r}" for n, t, r in problems)
         warnings.warn(f"inrun-shapley leaves these modules' parameters out of the values:\n{lines}", stacklevel=stacklevel)
+    if coupled and not strict:
+        warn_batch_statistics([n for n, _, _ in coupled], stacklevel=stacklevel)
     if not modules:
         raise UnsupportedModuleError("the model has no trainable parameters that can be tracked")
     return modules, reports
+
+
+def warn_batch_statistics(names: list[str], stacklevel: int) -> None:
+    """The one warning of ``strict=False`` for BatchNorms normalizing with batch statistics."""
+    warnings.warn(
+        f"BatchNorm in training mode ({', '.join(n or '<root>' for n in names)}) couples the samples of "
+        "a batch: with strict=False the values are approximate, and a trainable BatchNorm's own "
+        "parameters are left out (put it in eval mode or use GroupNorm/LayerNorm for exact values)",
+        stacklevel=stacklevel,
+    )
 
 
 class TrackedParameters(NamedTuple):

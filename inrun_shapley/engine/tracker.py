@@ -272,7 +272,11 @@ class ShapleyTracker:
     def batch(self, ids):
         """Context manager around one micro-batch's forward **and backward**.
 
-        Clip gradients and step after the block: the gradient norm is read at its exit.
+        Clip gradients and step after the block: the gradient norm is read at its exit, and the
+        ratio of the norm the optimizer then uses to it is the clipping (and loss-scaling) factor
+        applied to every sample's contribution. Gradients clipped *inside* the block are not
+        seen as clipped: the values come out scaled up by the inverse of the clipping factor
+        (×8–×64 in practice), which the step-sum check (``step_check``) reports.
 
         Args:
             ids: one integer sample id per row of the batch (tensor, array or list).
