@@ -63,7 +63,7 @@ from benchmarks.common.models import TinyTransformerLM, mlp
 from inrun_shapley import ShapleyTracker, ValidationObjective
 from inrun_shapley.optim import adapter_for
 
-TARGETS = {"machinery": 0.4, "total_1/8": 1.5, "memory": 1.3}
+TARGETS = {"machinery": 0.4, "total_1/8": 1.5, "memory": 1.3, "vs_first_order": 1.05}
 VAL_SET = 256
 
 
@@ -166,18 +166,19 @@ class Plain(Variant):
 
 
 class Tracked(Variant):
-    def __init__(self, wl, device, val_rows: int, cached_val: bool = False):
+    def __init__(self, wl, device, val_rows: int, cached_val: bool = False, estimator: str = "midpoint",
+                 order: int = 1):
         super().__init__(wl, device)
-        self.label = f"tracker val={val_rows}" + (" cached g_v" if cached_val else "")
+        self.label = f"tracker {estimator}{'' if order == 1 else ' o2'} val={val_rows}" + (" cached g_v" if cached_val else "")
         self.tracker = ShapleyTracker(
             self.model, self.opt, val_data=wl.val, val_loss_fn=self.val_loss_fn,
-            val_sample_size=val_rows,
+            val_sample_size=val_rows, estimator=estimator, order=order,
         )
         if cached_val:  # the scoring machinery alone: no validation forward/backward per step
             params = list(self.tracker._params)
             cached = self.tracker.validation.gradient(self.model, params, 1)
 
-            def gradient(model, params, step, hvp_vectors=None):
+            def gradient(model, params, step, hvp_vectors=None, at=None, point=None):
                 return cached
 
             self.tracker.validation.gradient = gradient
@@ -248,6 +249,8 @@ def build_variants(wl: Workload, device, names=None) -> dict[str, Variant]:
         "plain": lambda: Plain(wl, device),
         "tracker_1/8": lambda: Tracked(wl, device, small),
         "tracker_eq": lambda: Tracked(wl, device, b),
+        "fixed_1/8": lambda: Tracked(wl, device, small, estimator="shapley"),
+        "fixed_o2_1/8": lambda: Tracked(wl, device, small, estimator="shapley", order=2),
         "tracker_cached": lambda: Tracked(wl, device, small, cached_val=True),
         "val_1/8": lambda: ValidationOnly(wl, device, small),
         "val_eq": lambda: ValidationOnly(wl, device, b),
@@ -282,7 +285,7 @@ def time_interleaved(variants: dict[str, Variant], warmup: int, steps: int, devi
 
 
 def check_agreement(wl: Workload, device) -> float:
-    """Max relative difference between the tracker's and torch.func's values at step 2, in
+    """Max relative difference between the tracker's (fixed-state estimator) and torch.func's values at step 2, in
     fp64 (in fp32 Adam's first-step preconditioner 1/(|g|+eps) amplifies rounding differences
     between the two batch gradients)."""
     def dbl(t):
@@ -293,12 +296,12 @@ def check_agreement(wl: Workload, device) -> float:
     wl.make_model = lambda: make().double()
     wl.batches = [tuple(dbl(t) for t in b) for b in wl.batches]
     wl.val = tuple(dbl(t) for t in wl.val)
-    v = build_variants(wl, device, ["tracker_1/8", "func"])
-    v["tracker_1/8"].step()
+    v = build_variants(wl, device, ["fixed_1/8", "func"])  # torch.func forms the fixed-state direction
+    v["fixed_1/8"].step()
     v["func"].step()
-    v["tracker_1/8"].step()
+    v["fixed_1/8"].step()
     v["func"].step()
-    a, b = v["tracker_1/8"].values, v["func"].values
+    a, b = v["fixed_1/8"].values, v["func"].values
     return float(abs(a - b).max() / max(abs(b).max(), 1e-30))
 
 
@@ -430,6 +433,7 @@ def report_model(model: str, med: dict, agree: float, n_params: int, b: int, arg
     lines.append(header)
     small = max(1, b // 8)
     rows = [("plain", "plain"), ("tracker_1/8", f"tracker val={small} (B/8)"),
+            ("fixed_1/8", f"fixed-state 1st order val={small}"), ("fixed_o2_1/8", f"fixed-state 2nd order val={small}"),
             ("tracker_eq", f"tracker val={b} (B)"), ("tracker_cached", "tracker, cached g_v (machinery)"),
             ("func", f"torch.func per-sample val={small}"),
             ("val_1/8", f"validation.gradient alone, {small}"), ("val_eq", f"validation.gradient alone, {b}")]
@@ -452,6 +456,10 @@ def report_model(model: str, med: dict, agree: float, n_params: int, b: int, arg
     lines.append(summary(f"total with val=B/8, {clock}: tracker / plain", m["tracker_1/8"] / p, mo["tracker_1/8"] / po,
                          TARGETS["total_1/8"]))
     lines.append(f"  {'total with val=B, ' + clock + ': tracker / plain':<60} {m['tracker_eq'] / p:6.2f}  ({other} {mo['tracker_eq'] / po:5.2f})")
+    lines.append(summary(f"midpoint (default) / fixed-state 1st order, val=B/8, {clock}", m["tracker_1/8"] / m["fixed_1/8"],
+                         mo["tracker_1/8"] / mo["fixed_1/8"], TARGETS["vs_first_order"]))
+    lines.append(f"  {'fixed-state 2nd order / plain, val=B/8, ' + clock:<60} {m['fixed_o2_1/8'] / p:6.2f}  "
+                 f"({other} {mo['fixed_o2_1/8'] / po:5.2f})")
     if mem:
         r, r0 = mem[(model, "tracker_1/8")], mem[(model, "plain")]
         pk = r["peak"] / r0["peak"]
@@ -494,7 +502,7 @@ def main(argv=None) -> int:
     print(f"command: {cli.command_line('overhead', argv)}")
     print(f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", torch threads: {torch.get_num_threads()}"))
-    variants = ["plain", "tracker_1/8", "tracker_eq", "func"]
+    variants = ["plain", "tracker_1/8", "fixed_1/8", "fixed_o2_1/8", "tracker_eq", "func"]
     mem, quick_job = None, None
     if not args.no_memory:
         if args.quick:  # one subprocess for everything, running while the (meaningless) quick timings run

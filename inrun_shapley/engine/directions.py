@@ -219,8 +219,8 @@ def midpoint_terms(adapter: OptimizerAdapter, optimizer: torch.optim.Optimizer, 
     amsgrad), computes ``θ_half = θ_t + Δ(G/2)`` and ``J = dΔ/dg`` at ``G/2``.
 
     Args:
-        adapter: the optimizer family's adapter (``update``, ``update_jacobian_diag``,
-            ``state_before_step``).
+        adapter: the optimizer family's adapter (its ``midpoint_step``: ``Δ(G/2)`` and ``dΔ/dg``
+            there from the state after the step).
         optimizer: the innermost torch optimizer (state after the step).
         params: the tracked parameters; ``param_group`` their group indices.
         before: what ``adapter.before_step`` returned in the pre-hook, per parameter.
@@ -250,12 +250,9 @@ def midpoint_terms(adapter: OptimizerAdapter, optimizer: torch.optim.Optimizer, 
         if grad_divisor != 1.0:
             g = g / grad_divisor
         th = up(theta)
-        sb = snapshots[i] if snapshots and snapshots[i] is not None else adapter.state_before_step(
-            state[p], g, th, group, before[i] if before else None)
-        half = 0.5 * g
-        delta = adapter.update(half, th, group, sb)
-        jac = adapter.update_jacobian_diag(half, th, group, sb)
+        delta, jac = adapter.midpoint_step(g, th, group, state.get(p, {}), snapshots[i] if snapshots else None,
+                                           before[i] if before else None)
         terms.append(StepTerms(lr=as_float(group["lr"]), coeff=1.0, jacobian=jac))
-        theta_half.append((th + delta).to(theta.dtype))
+        theta_half.append(delta.add_(th).to(theta.dtype))  # θ_t + Δ(G/2), in the delta's buffer
         grads.append(g)
     return terms, theta_half, grads

@@ -280,6 +280,70 @@ def snapshot_state(group: dict, state: dict) -> dict:
     return out
 
 
+def midpoint_step(g: Tensor, theta: Tensor | None, group: dict, state_after: dict,
+                  snapshot: dict | None = None, before: dict | None = None) -> tuple[Tensor, Tensor]:
+    """``(Δ(g/2), dΔ/dg at g/2)`` in one pass, from the state AFTER a step that used gradient ``g``.
+
+    The same numbers as ``update``/``update_jacobian_diag`` at ``g/2`` on the state before the
+    step (reconstructed as in :func:`state_before_step`), in a fused form with few temporaries
+    (this runs every step): with ``A = β2·v = max(0, v_t - (1-β2)·g'²)``, ``B = β1·m = m_t - (1-β1)·g'``
+    and ``g'_h`` the effective gradient at ``g/2``,
+
+        m'_h = B + (1-β1)·g'_h            v'_h = A + (1-β2)·g'_h²         s_h = sqrt(v'_h/b2)
+        Δ(g/2) = -lr·m'_h/(b1·(s_h+eps))  (AdamW: - lr·λ·θ)
+        dΔ/dg  = -sign·lr/b1 · ([(1-β1)·A - (1-β2)·B·g'_h]/b2 + (1-β1)·s_h·eps) / (s_h·(s_h+eps)²)
+
+    (the cancellation-free form of :func:`update_jacobian_diag`; ``(1-β1)/(b1·D)`` where
+    ``v'_h = 0`` or amsgrad's old maximum is used).
+
+    Args:
+        g: the gradient the step used (after unscaling and clipping), compute dtype.
+        theta: the parameter before the step (compute dtype; needed with weight decay).
+        group: the param group.
+        state_after: ``optimizer.state[p]`` after the step.
+        snapshot: :func:`snapshot_state` taken before the step (exact; needed for amsgrad's old
+            maximum), or None to reconstruct.
+        before: unused (the SGD family's pre-hook record; same signature).
+
+    Returns:
+        ``(delta_half, jacobian)``, each shaped like ``g``.
+    """
+    h = hyper(group)
+    if snapshot is not None or h.amsgrad:
+        before = snapshot if snapshot is not None else state_before_step(state_after, g, theta, group)
+        half = 0.5 * g
+        return update(half, theta, group, before), update_jacobian_diag(half, theta, group, before)
+    t = as_float(state_after[STEP])
+    bc1, bc2 = _bias_corrections(h, t)
+    b1, b2 = h.beta1, h.beta2
+    gs = -g if h.maximize else g
+    g_eff = gs + h.l2 * theta if h.l2 != 0 else gs  # g' of the real step
+    g_half = gs * 0.5
+    if h.l2 != 0:
+        g_half = g_half.add_(theta, alpha=h.l2)
+    dtype = g.dtype
+    if t <= 1.0:  # nothing before the first step
+        a = torch.zeros_like(g)
+        bm = torch.zeros_like(g)
+    else:
+        a = torch.addcmul(state_after[EXP_AVG_SQ].to(dtype), g_eff, g_eff, value=-(1.0 - b2)).clamp_min_(0.0)
+        bm = state_after[EXP_AVG].to(dtype) - (1.0 - b1) * g_eff
+    m_h = torch.add(bm, g_half, alpha=1.0 - b1)
+    v_h = torch.addcmul(a, g_half, g_half, value=1.0 - b2)
+    s_h = v_h.div_(bc2).sqrt_()  # v_h no longer needed
+    d = s_h + h.eps
+    delta = m_h.div_(d).mul_(-h.lr / bc1)
+    if h.decoupled and h.weight_decay != 0:
+        delta.add_(theta, alpha=-h.lr * h.weight_decay)
+    # Jacobian: numerator in place on ``a``
+    numer = a.mul_((1.0 - b1) / bc2).addcmul_(bm, g_half, value=-(1.0 - b2) / bc2).add_(s_h, alpha=(1.0 - b1) * h.eps)
+    jac = numer.div_(d.square().mul_(s_h).clamp_min_(torch.finfo(dtype).tiny))
+    flat = s_h == 0  # v'_h = 0 (no gradient, no history): v does not move with g there
+    if bool(flat.any()):
+        jac = torch.where(flat, (1.0 - b1) / d, jac)
+    return delta, jac.mul_(-h.sign * h.lr / bc1)
+
+
 def preconditioner(group: dict, state: dict, eps: float | None = None) -> Tensor:
     """Adam's fixed-state preconditioner ``P = 1/(sqrt(v_used/(1-β2^t)) + eps)`` from the state after
     a step (``v_used`` = ``max_exp_avg_sq`` with amsgrad, else ``exp_avg_sq``), detached, in the
@@ -298,6 +362,7 @@ class AdamAdapter:
     state_before_step = staticmethod(state_before_step)
     state_after_step = staticmethod(state_after_step)
     snapshot_state = staticmethod(snapshot_state)
+    midpoint_step = staticmethod(midpoint_step)
 
     def check_group(self, group: dict) -> str | None:
         if group.get("differentiable"):

@@ -76,6 +76,11 @@ class OptimizerAdapter(Protocol):
     def snapshot_state(self, group: dict, state: dict) -> dict:
         """A copy of the state before the step (call in the step pre-hook)."""
 
+    def midpoint_step(self, g: Tensor, theta: Tensor | None, group: dict, state_after: dict,
+                      snapshot: dict | None = None, before: dict | None = None) -> tuple[Tensor, Tensor]:
+        """``(Δ(g/2), dΔ/dg at g/2)`` from the state after a step that used ``g`` (the midpoint
+        rule's two per-parameter quantities, docs/math.md §3.2), fused for the step hook."""
+
     def before_step(self, group: dict, state: dict) -> dict:
         """Whatever the adapter needs from the state as it was before the step."""
 

@@ -164,6 +164,16 @@ def snapshot_state(group: dict, state: dict) -> dict:
     return {MOMENTUM_BUFFER: buf.detach().clone()} if buf is not None else {}
 
 
+def midpoint_step(g: Tensor, theta: Tensor | None, group: dict, state_after: dict, snapshot: dict | None = None,
+                  before: dict | None = None) -> tuple[Tensor, Tensor]:
+    """``(Δ(g/2), dΔ/dg)`` from the state after a step that used gradient ``g`` (``dΔ/dg`` is the
+    constant ``-s·lr·k``: the update is affine). ``before`` as in :func:`state_before_step`, or a
+    ``snapshot``."""
+    state_before = snapshot if snapshot is not None else state_before_step(state_after, g, theta, group, before)
+    half = 0.5 * g
+    return update(half, theta, group, state_before), update_jacobian_diag(half, theta, group, state_before)
+
+
 @register_adapter(torch.optim.SGD)
 class SGDAdapter:
     name = "sgd"
@@ -172,6 +182,7 @@ class SGDAdapter:
     state_before_step = staticmethod(state_before_step)
     state_after_step = staticmethod(state_after_step)
     snapshot_state = staticmethod(snapshot_state)
+    midpoint_step = staticmethod(midpoint_step)
 
     def check_group(self, group: dict) -> str | None:
         if group.get("differentiable"):

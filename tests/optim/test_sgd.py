@@ -91,3 +91,14 @@ def test_state_after_step_equals_torch_state(name):
                 torch.testing.assert_close(got[key], r["state_after"][key], rtol=1e-12, atol=1e-15)
             else:
                 assert key not in got
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_midpoint_step_equals_update_and_jacobian_at_half_the_gradient(name):
+    for r in records(name, torch.float64):
+        half = 0.5 * r["g"]
+        want_delta = sgd.update(half, r["theta"], r["group"], r["snapshot"])
+        want_jac = sgd.update_jacobian_diag(half, r["theta"], r["group"], r["snapshot"])
+        delta, jac = sgd.midpoint_step(r["g"], r["theta"], r["group"], r["state_after"], None, r["before"])
+        torch.testing.assert_close(delta, want_delta, rtol=1e-9, atol=1e-15)
+        torch.testing.assert_close(jac, want_jac, rtol=1e-12, atol=0)
