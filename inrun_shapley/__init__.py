@@ -56,6 +56,7 @@ _LAZY = {
     "bayesian_influence": "inrun_shapley.posthoc.bif",
     "ShapleyCallback": "inrun_shapley.callbacks.lightning",
     "ShapleyHook": "inrun_shapley.callbacks.accelerate",
+    "ShapleyTrainerCallback": "inrun_shapley.callbacks.huggingface",
 }
 
 if TYPE_CHECKING:  # pragma: no cover

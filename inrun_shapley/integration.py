@@ -15,7 +15,7 @@ import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -28,8 +28,8 @@ from inrun_shapley.engine.tracker import ShapleyTracker
 from inrun_shapley.errors import ConfigurationError, LogError, SampleIdError
 
 __all__ = [
-    "ADAPTER_OPTIONS", "INPUT_KEYS", "TARGET_KEYS", "Attached", "ShapleyConfig", "TrackedValues",
-    "checkpoint_cursor", "default_loss", "merge_across_ranks", "take_sample_ids", "tracker_options",
+    "ADAPTER_OPTIONS", "INPUT_KEYS", "TARGET_KEYS", "Attached", "BackwardEndSignal", "ShapleyConfig",
+    "TrackedValues", "checkpoint_cursor", "default_loss", "merge_across_ranks", "take_sample_ids", "tracker_options",
 ]
 
 # Options of the adapters themselves (name -> default); every other option is a tracker option.
@@ -314,3 +314,55 @@ class TrackedValues:
     def group_values(self):
         """``[max_id + 1, G]`` values per tracked module (with ``group_values=True``), or None."""
         return self._store().group_values
+
+
+def _tensors(output) -> list[Tensor]:
+    """Every tensor in a (nested) model output: tensor, mapping (``ModelOutput``), list or tuple."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        return [t for item in output for t in _tensors(item)]
+    return []
+
+
+class BackwardEndSignal:
+    """Call ``callback()`` at the end of the backward pass through each armed forward of
+    ``model``, for frameworks that run forward, backward and clipping themselves
+    (``transformers.Trainer``): every gradient is accumulated, a data-parallel all-reduce is
+    done, gradient clipping has not happened yet.
+
+    ``arm()`` (from a forward pre-hook) marks the next forward of ``model``; at its end a hook
+    goes on each of its outputs that requires grad. The first one the backward reaches queues an
+    autograd final callback, which queues ``callback``: final callbacks run in queue order after
+    the backward, so ``callback`` runs after those queued during the backward (DDP finishes its
+    all-reduce in one of them).
+    """
+
+    def __init__(self, model: nn.Module, callback: Callable[[], None]):
+        self._callback = callback
+        self._armed = False
+        self._handle = model.register_forward_hook(self._after_forward)
+
+    def arm(self) -> None:
+        self._armed = True
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    def _after_forward(self, module, args, output) -> None:
+        if not self._armed:
+            return
+        self._armed = False
+        queue = torch.autograd.Variable._execution_engine.queue_callback
+        reached: list[bool] = []
+
+        def on_grad(grad):
+            if not reached:
+                reached.append(True)
+                queue(lambda: queue(self._callback))
+
+        for tensor in _tensors(output):
+            if tensor.requires_grad:
+                tensor.register_hook(on_grad)

@@ -40,6 +40,19 @@ opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 loss_fn = F.cross_entropy
 """
 
+# The Hugging Face snippet's own objects: a tiny causal LM built from a config (no download), its
+# training rows as dict items and one validation batch.
+HUGGINGFACE_PREAMBLE = """
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.manual_seed(0)
+lm = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  num_key_value_heads=2, vocab_size=50, max_position_embeddings=8))
+tokens = torch.randint(0, 50, (48, 8))
+train_rows = [{"input_ids": t, "labels": t} for t in tokens[:32]]
+val_batch = {"input_ids": tokens[32:], "labels": tokens[32:]}
+"""
+
 
 def test_readme_has_its_examples():
     assert {"plain", "lightning", "accelerate"} <= set(BLOCKS)
@@ -49,10 +62,13 @@ def test_readme_has_its_examples():
 def test_readme_example_runs(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__readme__"}
-    if name != "plain":
+    if name == "huggingface":
+        pytest.importorskip("transformers")
+        exec(HUGGINGFACE_PREAMBLE, namespace)
+    elif name != "plain":
         exec(PREAMBLE, namespace)
     if name == "accelerate":  # its snippet follows the Lightning one in the README
         exec("from torch.utils.data import DataLoader\nfrom inrun_shapley import IndexedDataset", namespace)
     exec(compile(BLOCKS[name], f"README:{name}", "exec"), namespace)
-    if name == "lightning":
+    if name in ("lightning", "huggingface"):
         assert (tmp_path / "shapley_log" / "meta.json").exists()
