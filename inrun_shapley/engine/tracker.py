@@ -295,6 +295,9 @@ class ShapleyTracker:
     # ------------------------------------------------------------ step hooks
     def _before_step(self, optimizer, args, kwargs) -> None:
         """Step pre-hook: parameters are still theta_t. Never reads ``.grad``."""
+        # An optimizer subclass whose step() calls super().step() runs torch's hooks twice (once per
+        # class wrapper): the inner post-hook scores the step, the outer one must not.
+        self._scored_in_this_step = False
         for listener in self._listeners:
             if hasattr(listener, "before_step"):
                 listener.before_step(self, self.step + 1)
@@ -314,12 +317,15 @@ class ShapleyTracker:
             self._session.finish_step()  # a fused optimizer skipped this step internally
             return
         batches = self._session.step_batches()
+        if not batches and getattr(self, "_scored_in_this_step", False):
+            return  # the outer hook of a nested step(): already scored
         if not batches:
             raise SampleIdError(
                 "optimizer.step() ran but no batch was marked: wrap each micro-batch's forward and "
                 "backward in `with tracker.batch(ids):` (one sample id per row)"
             )
         self.step += 1
+        self._scored_in_this_step = True
         scale = self._gradient_scale(kwargs)
         with self._suspend():
             grad_scale = kwargs.get("grad_scale") if kwargs else None

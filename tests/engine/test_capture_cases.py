@@ -282,9 +282,6 @@ class MyAdam(torch.optim.Adam):
         return super().step(closure)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the step hooks of engine/tracker.py to ignore a nested step "
-                   "(a subclass's step() calling super().step() fires them twice once torch.optim.Adam.step "
-                   "was wrapped by an earlier plain Adam)")
 def test_adam_subclass_overriding_step_after_a_plain_adam():
     torch.optim.Adam([nn.Parameter(torch.zeros(1))])  # wraps torch.optim.Adam.step for the process
     torch.manual_seed(0)
