@@ -18,12 +18,12 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     for name in ("values_clean_vs_flipped.png", "accuracy_vs_fraction_pruned.png", "summary.json"):
         assert (tmp_path / name).stat().st_size > 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert 0.5 < summary["auc"]["shapley/step_std"][0] <= 1.0
-    log = ShapleyLog.load(tmp_path / "seed0" / "log_shapley")
+    assert 0.5 < summary["auc"]["midpoint/step_std"][0] <= 1.0
+    log = ShapleyLog.load(tmp_path / "seed0" / "log_midpoint")
     assert log.counts[:1000].min() == 2  # every sample seen once per epoch, 2 epochs
     # running it again into the same folder replaces the demo's own logs
     assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress", "--epochs", "1"]) == 0
-    assert ShapleyLog.load(tmp_path / "seed0" / "log_shapley").counts[:1000].max() == 1
+    assert ShapleyLog.load(tmp_path / "seed0" / "log_midpoint").counts[:1000].max() == 1
 
 
 def test_demo_bad_arguments(capsys):

@@ -6,7 +6,7 @@ The recipe (everything ships with scikit-learn; nothing is downloaded):
    changed to another class, a small clean validation split (the tracker's objective) and a clean
    held-out test split.
 2. One Lightning run of an MLP with AdamW and two ``ShapleyCallback`` s side by side: the
-   Adam-aware ``shapley`` estimator and the SGD-form baseline ``sgd``, each writing a value log.
+   Adam-aware ``midpoint`` estimator (the default) and the SGD-form baseline ``sgd``, each writing a value log.
 3. Flipped-label detection AUC (low value = flipped) for both, on raw and per-step standardized
    sums.
 4. Prune the lowest-valued fractions and retrain from scratch (same seed, same recipe); compare
@@ -162,11 +162,11 @@ def tracked_run(train, val, cfg: DemoConfig, seed: int, out: Path):
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=cfg.lr)
 
-    for est in ("shapley", "sgd"):  # the demo owns its output folder: a rerun replaces its logs
+    for est in ("midpoint", "sgd"):  # the demo owns its output folder: a rerun replaces its logs
         shutil.rmtree(out / f"log_{est}", ignore_errors=True)
     callbacks = {
         est: ShapleyCallback(val_data=val, estimator=est, log_dir=out / f"log_{est}", record_steps=False)
-        for est in ("shapley", "sgd")
+        for est in ("midpoint", "sgd")
     }
     module = DigitsMLP()
     loader = DataLoader(
@@ -198,7 +198,7 @@ def run_seed(cfg: DemoConfig, seed: int, out: Path) -> dict:
     rng = np.random.default_rng(seed + 1000)
     random_order = rng.permutation(n)
     loss_order = np.argsort(-final_loss, kind="stable")  # highest loss first
-    shapley_scores = logs["shapley"].scores(normalize="step_std")[:n]
+    shapley_scores = logs["midpoint"].scores(normalize="step_std")[:n]
     keep_sets = {("full noisy set", 0.0): np.arange(n)}
     for frac in cfg.fractions:
         n_drop = int(round(frac * n))
@@ -247,8 +247,8 @@ def run_demo(out_dir="inrun_shapley_demo", cfg: DemoConfig | None = None) -> dic
     seeds = ", ".join(map(str, cfg.seeds))
 
     print(f"\nFlipped-label detection AUC (low value = flipped), seeds {seeds}:")
-    names = {"shapley/step_std": "in-run shapley (Adam-aware), per-step standardized",
-             "shapley/none": "in-run shapley (Adam-aware), raw sum",
+    names = {"midpoint/step_std": "in-run Shapley (midpoint, Adam-aware), per-step standardized",
+             "midpoint/none": "in-run Shapley (midpoint, Adam-aware), raw sum",
              "sgd/step_std": "sgd-form values, per-step standardized",
              "sgd/none": "sgd-form values, raw sum", "loss": "final training loss (baseline)"}
     for key, label in names.items():
@@ -284,6 +284,6 @@ def run_demo(out_dir="inrun_shapley_demo", cfg: DemoConfig | None = None) -> dic
     print(f"\nWrote {', '.join(str(f) for f in files)}, {out / 'summary.json'} and under "
           f"{out}/seed*/ the value logs (log_*) and flipped_ids.txt  ({summary['seconds']} s)")
     first_dir = out / f"seed{cfg.seeds[0]}"
-    print(f"Inspect a log: inrun-shapley report {first_dir / 'log_shapley'} --out report "
+    print(f"Inspect a log: inrun-shapley report {first_dir / 'log_midpoint'} --out report "
           f"--highlight {first_dir / 'flipped_ids.txt'}")
     return {"auc": auc, "accuracy": acc, "files": [str(f) for f in files], "seconds": summary["seconds"]}

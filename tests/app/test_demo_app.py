@@ -64,9 +64,9 @@ def test_report_highlight_reproduces_the_demo_auc(demo_run, capsys):
     n_flipped = len(flipped.read_text().split())
     assert n_flipped == round(summary["config"]["flip"] * summary["config"]["n_train"])
     capsys.readouterr()
-    assert main(["report", str(out / "seed0" / "log_shapley"), "--highlight", str(flipped), "--out",
+    assert main(["report", str(out / "seed0" / "log_midpoint"), "--highlight", str(flipped), "--out",
                  str(out / "report")]) == 0
     text = capsys.readouterr().out
     auc = re.search(r"AUC\(low score→marked\)\s+([0-9.]+)", text)[1]
-    assert auc == f"{summary['auc']['shapley/step_std'][0]:.3f}"
+    assert auc == f"{summary['auc']['midpoint/step_std'][0]:.3f}"
     assert (out / "report" / "value_histogram.png").stat().st_size > 0
