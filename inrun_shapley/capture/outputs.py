@@ -23,23 +23,26 @@ def _is_dataclass_instance(obj: Any) -> bool:
 
 def tensor_leaves(out: Any) -> list[Tensor]:
     """Every tensor of ``out``, depth first (the order :func:`map_outputs` visits them)."""
+    # A module-level recursion, not a nested recursive closure: such a closure refers to itself
+    # through its cell, and the cycle kept ``leaves`` (module outputs, with their autograd graphs)
+    # alive until the cyclic garbage collector ran: +80 MB per step on a small transformer.
     leaves: list[Tensor] = []
-
-    def walk(obj):
-        if isinstance(obj, Tensor):
-            leaves.append(obj)
-        elif isinstance(obj, Mapping):
-            for v in obj.values():
-                walk(v)
-        elif isinstance(obj, (tuple, list)):
-            for v in obj:
-                walk(v)
-        elif _is_dataclass_instance(obj):
-            for f in dataclasses.fields(obj):
-                walk(getattr(obj, f.name))
-
-    walk(out)
+    _collect(out, leaves)
     return leaves
+
+
+def _collect(obj: Any, leaves: list[Tensor]) -> None:
+    if isinstance(obj, Tensor):
+        leaves.append(obj)
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            _collect(v, leaves)
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            _collect(v, leaves)
+    elif _is_dataclass_instance(obj):
+        for f in dataclasses.fields(obj):
+            _collect(getattr(obj, f.name), leaves)
 
 
 def map_outputs(fn: Callable[[Tensor], Tensor], out: Any) -> Any:

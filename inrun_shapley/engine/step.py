@@ -125,6 +125,7 @@ class StepDirections:
             terms, theta_half, grads = midpoint_terms(
                 self.adapter, self.optimizer, self.params, self.param_group, self._before, self._snapshots,
                 self._theta_before, grad_divisor)
+            self._theta_before = None  # θ_t is no longer needed: free it before the validation pass
             if self.per_query:
                 val_grads = self._query_gradients(session, at=theta_half)
             else:
