@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from inrun_shapley import IndexedDataset, ShapleyTracker
-from tests.integration_setup import close, data, make_model, make_optimizer
+from tests.callbacks.integration_setup import close, data, make_model, make_optimizer
 
 STEPS = 3
 

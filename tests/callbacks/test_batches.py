@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from inrun_shapley import ConfigurationError, IndexedDataset
-from tests.integration_setup import close, data, make_model, make_optimizer, plain_values, trainer_kwargs
+from tests.callbacks.integration_setup import close, data, make_model, make_optimizer, plain_values, trainer_kwargs
 
 pl = pytest.importorskip("lightning.pytorch")
 

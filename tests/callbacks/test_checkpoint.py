@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from inrun_shapley import IndexedDataset, ShapleyCallback, ShapleyLog
-from tests.integration_setup import close, data, lightning_module_class, plain_values, trainer_kwargs
+from tests.callbacks.integration_setup import close, data, lightning_module_class, plain_values, trainer_kwargs
 
 pl = pytest.importorskip("lightning.pytorch")
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from inrun_shapley import ConfigurationError, IndexedDataset, LogError, ShapleyLog
-from tests.integration_setup import close, data, make_model, make_optimizer, plain_values
+from tests.callbacks.integration_setup import close, data, make_model, make_optimizer, plain_values
 
 
 def accelerate_epochs(log_dir, epochs, state_dir=None, load=None, **options):

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from inrun_shapley import ConfigurationError, IndexedDataset, ShapleyTracker
 from inrun_shapley.integration import tracker_options
-from tests.integration_setup import close, data, lightning_module_class, make_model, make_optimizer, trainer_kwargs
+from tests.callbacks.integration_setup import close, data, lightning_module_class, make_model, make_optimizer, trainer_kwargs
 
 pl = pytest.importorskip("lightning.pytorch")
 

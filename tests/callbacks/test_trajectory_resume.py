@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from inrun_shapley import IndexedDataset, Recording, ShapleyCallback, adjoint_influence
-from tests.integration_setup import data, lightning_module_class, trainer_kwargs
+from tests.callbacks.integration_setup import data, lightning_module_class, trainer_kwargs
 
 pl = pytest.importorskip("lightning.pytorch")
 

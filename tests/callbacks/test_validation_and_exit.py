@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from inrun_shapley import IndexedDataset, ShapleyCallback, ShapleyLog
-from tests.integration_setup import close, data, lightning_module_class, plain_values, trainer_kwargs
+from tests.callbacks.integration_setup import close, data, lightning_module_class, plain_values, trainer_kwargs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,7 +40,7 @@ def test_forgotten_close_still_leaves_every_step_in_the_log(tmp_path):
         from accelerate import Accelerator
         from torch.utils.data import DataLoader
         from inrun_shapley import IndexedDataset, ShapleyHook
-        from tests.integration_setup import data, make_model, make_optimizer
+        from tests.callbacks.integration_setup import data, make_model, make_optimizer
 
         train, val = data()
         accelerator = Accelerator(cpu=True)
@@ -70,7 +70,7 @@ def test_a_forgotten_hook_whose_last_steps_cannot_be_written_warns(tmp_path, mon
     from accelerate import Accelerator
 
     from inrun_shapley import ShapleyHook
-    from tests.integration_setup import make_model, make_optimizer
+    from tests.callbacks.integration_setup import make_model, make_optimizer
 
     train, val = data()
     accelerator = Accelerator(cpu=True)

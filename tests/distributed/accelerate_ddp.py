@@ -12,7 +12,7 @@ def train_fn():
 
     from inrun_shapley import IndexedDataset
     from inrun_shapley.callbacks import ShapleyHook
-    from tests.integration_setup import data, make_model, make_optimizer
+    from tests.callbacks.integration_setup import data, make_model, make_optimizer
 
     train, val = data()
     accelerator = Accelerator(cpu=True)

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from inrun_shapley import IndexedDataset
 from inrun_shapley.callbacks import ShapleyCallback
-from tests.integration_setup import data, lightning_module_class, trainer_kwargs
+from tests.callbacks.integration_setup import data, lightning_module_class, trainer_kwargs
 
 if __name__ == "__main__":
     train, val = data()

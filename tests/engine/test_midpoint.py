@@ -21,7 +21,7 @@ from torch import nn
 from inrun_shapley import ShapleyTracker
 from inrun_shapley.engine.step_check import StepSumError
 from tests import oracles
-from tests.test_tracker_exact import OPTIMIZERS, MixedNet, make_data, val_loss_fn
+from tests.engine.test_tracker_exact import OPTIMIZERS, MixedNet, make_data, val_loss_fn
 
 VAL_F = lambda val: (lambda f: F.cross_entropy(f(val[0], val[1]), val[2]))  # noqa: E731
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from inrun_shapley.integration import ShapleyConfig
 from inrun_shapley.log import ShapleyLog, ShapleyLogWriter
-from tests.integration_setup import data, make_model, make_optimizer
+from tests.callbacks.integration_setup import data, make_model, make_optimizer
 
 HUGE = 2**40
 

@@ -11,7 +11,7 @@ import pytest
 
 from inrun_shapley import LogError
 from inrun_shapley.trajectory import Recording
-from tests.test_adjoint import train
+from tests.posthoc.adjoint.test_adjoint import train
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 
 from inrun_shapley import ConfigurationError, ShapleyTracker
 from inrun_shapley.trajectory import Recording, TrajectoryRecorder
-from tests.test_adjoint import OPTIMIZERS, batch_ids, data, loss_fn, make_model, run_adjoint
+from tests.posthoc.adjoint.test_adjoint import OPTIMIZERS, batch_ids, data, loss_fn, make_model, run_adjoint
 
 
 def steps(model, opt, rec, first, last):

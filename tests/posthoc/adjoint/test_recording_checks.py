@@ -9,7 +9,7 @@ import pytest
 
 from inrun_shapley import ConfigurationError, LogError
 from inrun_shapley.log import ShapleyLog
-from tests.test_adjoint import run_adjoint, train
+from tests.posthoc.adjoint.test_adjoint import run_adjoint, train
 
 
 def test_a_gap_in_the_steps_is_refused(tmp_path):

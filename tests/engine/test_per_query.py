@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from inrun_shapley import ConfigurationError, ShapleyTracker
 from tests import oracles
-from tests.test_tracker_exact import OPTIMIZERS, MixedNet, make_data, val_loss_fn
+from tests.engine.test_tracker_exact import OPTIMIZERS, MixedNet, make_data, val_loss_fn
 
 
 @pytest.mark.parametrize("opt_name, order", [("sgd_momentum", 1), ("adam", 1), ("adamw", 1),

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from inrun_shapley import IndexedDataset, SampleIdError, UnsupportedOptimizerError
 from inrun_shapley.callbacks import ShapleyCallback, ShapleyHook
-from tests.integration_setup import (
+from tests.callbacks.integration_setup import (
     close,
     data,
     lightning_module_class,
@@ -27,7 +27,7 @@ from tests.integration_setup import (
 )
 
 pl = pytest.importorskip("lightning.pytorch")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def fit(callback, batch_size=8, **kw):
