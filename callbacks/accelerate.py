@@ -124,5 +124,3 @@ class ShapleyHook(TrackedValues):
     def load_state_dict(self, state: dict) -> None:
         self.tracker.load_state_dict(state)
 
-    def _store(self) -> InMemoryValues:
-        return self._merged if self._merged is not None else self.tracker.store

@@ -92,6 +92,8 @@ class ShapleyTrainerCallback(TrackedValues, TrainerCallback):
         values = trainer.callback_handler.callbacks[-1].values   # or keep a reference
     """
 
+    _training_call = "Trainer.train"
+
     def __init__(self, val_data, val_loss_fn: Callable | None = None, *, ids_key: str = IDS_KEY,
                  checkpoint: str | Path | None = None, **options: Any):
         self.config = ShapleyConfig("ShapleyTrainerCallback", val_data=val_data,
@@ -188,12 +190,6 @@ class ShapleyTrainerCallback(TrackedValues, TrainerCallback):
         if self.attached is not None:
             self.attached.close()
 
-    def _store(self) -> InMemoryValues:
-        if self._merged is not None:
-            return self._merged
-        if self.tracker is None:
-            raise ConfigurationError("no values yet: the callback has not been used in Trainer.train")
-        return self.tracker.store
 
 
 def keep_column(loader, key: str) -> None:

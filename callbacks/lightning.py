@@ -63,6 +63,8 @@ class ShapleyCallback(TrackedValues, Callback):
         values = trainer.callbacks[0].values      # numpy, indexed by sample id
     """
 
+    _training_call = "Trainer.fit"
+
     def __init__(self, val_data, val_loss_fn: Callable | None = None, *, ids_fn: Callable | None = None,
                  ids_key: str = "index", **options: Any):
         self.config = ShapleyConfig("ShapleyCallback", val_data=val_data, val_loss_fn=val_loss_fn,
@@ -133,9 +135,3 @@ class ShapleyCallback(TrackedValues, Callback):
             self.attached.close()
 
     # ----------------------------------------------------------------- results
-    def _store(self) -> InMemoryValues:
-        if self._merged is not None:
-            return self._merged
-        if self.tracker is None:
-            raise ConfigurationError("no values yet: the callback has not been used in Trainer.fit")
-        return self.tracker.store

@@ -295,10 +295,23 @@ def _close_quietly(attached: Attached, owner: str) -> None:
 
 
 class TrackedValues:
-    """Result accessors shared by the framework adapters; subclasses implement ``_store()``."""
+    """Result accessors shared by the framework adapters.
+
+    Adapters set ``tracker`` (None until training starts), ``_merged`` (the values merged across
+    ranks at the end, or None) and ``_training_call`` (what the user calls to train, for the
+    message when values are read too early).
+    """
+
+    tracker = None
+    _merged: InMemoryValues | None = None
+    _training_call = "training"
 
     def _store(self) -> InMemoryValues:
-        raise NotImplementedError
+        if self._merged is not None:
+            return self._merged
+        if self.tracker is None:
+            raise ConfigurationError(f"no values yet: the callback has not been used in {self._training_call}")
+        return self.tracker.store
 
     @property
     def values(self) -> np.ndarray:
