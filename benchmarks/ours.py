@@ -61,6 +61,7 @@ N_FIT = 100  # separate fitting queries for the learned group weights
 NOTES: dict[str, str] = {}  # method name -> one line printed under the quality table
 
 NAMES = {
+    "midpoint": "in-run midpoint = default (per-query, one-step)",
     "shapley": "in-run shapley (per-query, one-step)",
     "shapley2": "in-run shapley, second order (per-query)",
     "sgd": "in-run sgd-form (per-query)",
@@ -87,7 +88,8 @@ class _SharedRun(lds_harness.TrainCallback):
         from inrun_shapley import ShapleyTracker
         from inrun_shapley.trajectory import TrajectoryRecorder
 
-        variants = {"shapley": ("shapley", 1), "shapley2": ("shapley", 2), "sgd": ("sgd", 1)}
+        variants = {"midpoint": ("midpoint", 1), "shapley": ("shapley", 1), "shapley2": ("shapley", 2),
+                    "sgd": ("sgd", 1)}
         self.trackers = {
             key: ShapleyTracker(model, optimizer, val_data=self.setup.query_set, val_loss_fn=neg_margin,
                                 estimator=est, order=order, per_query=True, query_path="exact", record_steps=False)
@@ -138,10 +140,16 @@ def shared_run(setup: LDSSetup) -> dict:
     res = {**cb.values, "recording": root / "every1", "model": model.eval(), "seconds": seconds}
     _RUNS[id(setup)] = (setup, res)
     note = (f"one training run with both per-query trackers + a recorder ({seconds:.1f} s) is shared by "
-            f"'{NAMES['shapley']}', '{NAMES['shapley2']}', '{NAMES['sgd']}' and '{NAMES['adjoint']}'; its time and memory are "
+            f"'{NAMES['midpoint']}', '{NAMES['shapley']}', '{NAMES['shapley2']}', '{NAMES['sgd']}' and '{NAMES['adjoint']}'; "
+            "its time and memory are "
             "counted in the first of them that runs, the others reuse it")
     NOTES.setdefault("shared run", note)
     return res
+
+
+def inrun_midpoint_per_query(setup: LDSSetup) -> np.ndarray:
+    """Per-query In-Run Shapley values with the default midpoint estimator, ``[n, Q]``."""
+    return shared_run(setup)["midpoint"]
 
 
 def inrun_shapley_per_query(setup: LDSSetup) -> np.ndarray:
@@ -239,6 +247,7 @@ def grad_dot_learned_weights(setup: LDSSetup) -> np.ndarray:
 
 
 METHODS = {
+    NAMES["midpoint"]: inrun_midpoint_per_query,
     NAMES["shapley"]: inrun_shapley_per_query,
     NAMES["shapley2"]: inrun_shapley2_per_query,
     NAMES["sgd"]: inrun_sgd_per_query,
@@ -247,5 +256,5 @@ METHODS = {
     NAMES["weights"]: grad_dot_learned_weights,
 }
 
-__all__ = ["METHODS", "NAMES", "NOTES", "QUICK", "shared_run", "inrun_shapley_per_query", "inrun_shapley2_per_query", "inrun_sgd_per_query",
+__all__ = ["METHODS", "NAMES", "NOTES", "QUICK", "shared_run", "inrun_midpoint_per_query", "inrun_shapley_per_query", "inrun_shapley2_per_query", "inrun_sgd_per_query",
            "adjoint_loo", "bif_large_gamma", "grad_dot_learned_weights", "fitting_queries"]

@@ -58,7 +58,8 @@ METHODS: dict[str, Callable] = {
     "dattri TRAK (5 models)": peers.dattri_trak,
     "traker TRAK (5 models)": peers.traker_trak,
     # ours (ours.py): scores positive = including i raises query q's margin, conversions documented there
-    "in-run shapley (per-query, one-step)": ours.inrun_shapley_per_query,  # tracker value = −Δ(−margin)
+    "in-run midpoint = default (per-query, one-step)": ours.inrun_midpoint_per_query,  # tracker value = −Δ(−margin)
+    "in-run shapley (per-query, one-step)": ours.inrun_shapley_per_query,  # same run, fixed-state
     "in-run shapley, second order (per-query)": ours.inrun_shapley2_per_query,  # same run, order=2
     "in-run sgd-form (per-query)": ours.inrun_sgd_per_query,  # same run, estimator="sgd"
     "adjoint (loo J, default damping)": ours.adjoint_loo,  # f_q = margin, scores as returned
