@@ -394,6 +394,7 @@ def main(argv=None) -> dict:
     for seed in args.seeds:
         print(f"\n--- seed {seed}")
         results[seed] = run_seed(seed, cfg, out, fit_config)
+        print("  LDS: " + ", ".join(f"{k} {v:+.4f}" for k, v in results[seed]["lds"].items()))
     report(results, cfg)
     return results
 
