@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable

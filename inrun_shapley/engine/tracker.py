@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from inrun_shapley.capture.registry import up
 from inrun_shapley.engine.capture_session import CaptureSession

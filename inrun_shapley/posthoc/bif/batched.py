@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from inrun_shapley.batches import map_tensors
 from inrun_shapley.errors import ConfigurationError
-from inrun_shapley.posthoc.bif.config import default_n_beta
+from inrun_shapley.posthoc.bif.config import checked_per_sample, default_n_beta
 from inrun_shapley.posthoc.bif.control_variate import flatten
 from inrun_shapley.posthoc.bif.functional import FunctionalModel, Params
 from inrun_shapley.posthoc.bif.moments import MomentStore
@@ -160,12 +160,7 @@ class BatchedSGLDSampler(SGLDSampler):
     def _check_loss_shape(self, batch: Any) -> None:
         """The first step: per-sample losses, and nβ from the batch size when it is None."""
         with torch.no_grad():
-            per_sample = self.functional.call(self.loss_fn, self.anchor_params, batch)
-        if not isinstance(per_sample, torch.Tensor) or per_sample.dim() == 0:
-            raise ConfigurationError(
-                "loss_fn must return per-sample losses [B] (reduction='none'), "
-                f"got {'a scalar' if isinstance(per_sample, torch.Tensor) else type(per_sample).__name__}."
-            )
+            per_sample = checked_per_sample(self.functional.call(self.loss_fn, self.anchor_params, batch))
         if self.n_beta is None:
             self.n_beta = default_n_beta(per_sample.shape[0])
 

@@ -162,3 +162,13 @@ def default_n_beta(batch_size: int) -> float:
 
 
 __all__ = ["BIFConfig", "LossFn", "ParamSelection", "default_n_beta"]
+
+
+def checked_per_sample(per_sample: Any) -> torch.Tensor:
+    """``per_sample`` if it is a ``[B]`` tensor of per-sample losses, else ConfigurationError."""
+    if not isinstance(per_sample, torch.Tensor) or per_sample.dim() == 0:
+        raise ConfigurationError(
+            "loss_fn must return per-sample losses [B] (reduction='none'), "
+            f"got {'a scalar' if isinstance(per_sample, torch.Tensor) else type(per_sample).__name__}."
+        )
+    return per_sample

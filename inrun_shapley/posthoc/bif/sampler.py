@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 from tqdm.auto import tqdm
 
 from inrun_shapley.errors import ConfigurationError, NonFiniteError
-from inrun_shapley.posthoc.bif.config import BIFConfig, LossFn, ParamSelection, default_n_beta
+from inrun_shapley.posthoc.bif.config import BIFConfig, LossFn, ParamSelection, checked_per_sample, default_n_beta
 from inrun_shapley.posthoc.bif.control_variate import CoupledGaussianCV, flatten
 from inrun_shapley.posthoc.bif.evaluation import evaluate
 from inrun_shapley.posthoc.bif.moments import MomentStore
@@ -303,12 +303,7 @@ class SGLDSampler:
         burn_in = cfg.resolved_burn_in
         sampled, anchors = self.snapshot.selected, self.snapshot.anchors
         with torch.enable_grad():
-            per_sample = self.loss_fn(self.model, batch)
-            if not isinstance(per_sample, torch.Tensor) or per_sample.dim() == 0:
-                raise ConfigurationError(
-                    "loss_fn must return per-sample losses [B] (reduction='none'), "
-                    f"got {'a scalar' if isinstance(per_sample, torch.Tensor) else type(per_sample).__name__}."
-                )
+            per_sample = checked_per_sample(self.loss_fn(self.model, batch))
             if self.n_beta is None:
                 self.n_beta = default_n_beta(per_sample.shape[0])
             loss = per_sample.mean()
