@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inrun_shapley import ShapleyTracker, UnsupportedModuleError
+from inrun_shapley import ShapleyTracker
 from tests import oracles
 
 
@@ -208,7 +208,8 @@ def test_sampled_validation_batch_uses_the_same_rows_per_step():
     tr.detach()
 
 
-def test_grad_scaler_skipped_step_gets_no_value_and_scaling_cancels():
+@pytest.mark.parametrize("estimator", ["midpoint", "shapley"])
+def test_grad_scaler_skipped_step_gets_no_value_and_scaling_cancels(estimator):
     def run(use_scaler):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
@@ -216,7 +217,7 @@ def test_grad_scaler_skipped_step_gets_no_value_and_scaling_cancels():
         g = torch.Generator().manual_seed(1)
         x, y = torch.randn(12, 4, generator=g), torch.randn(12, 2, generator=g)
         val = (torch.randn(4, 4, generator=g), torch.randn(4, 2, generator=g))
-        tr = ShapleyTracker(model, opt, val_data=val, val_loss_fn=_mse_rows)
+        tr = ShapleyTracker(model, opt, val_data=val, val_loss_fn=_mse_rows, estimator=estimator, step_check="raise")
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if use_scaler else None
         for step, ids in enumerate(torch.arange(12).split(4)):
             poison = step == 1  # this step's loss is infinite: the scaler must skip it
