@@ -101,7 +101,7 @@ class StepDirections:
             return self.validation.query_gradients(self.model, self.params, at=at)
         self.ghost = GhostQueries({name: self.modules[name].module for name in ghost_names})
         exact = [i for i, p in enumerate(self.params) if id(p) not in self.ghost.param_ids]
-        point = None if at is None else {id(p): at[i] for i, p in enumerate(self.params) if i not in set(exact)}
+        point = None if at is None else {id(p): at[i] for i, p in enumerate(self.params) if id(p) in self.ghost.param_ids}
         grads = self.validation.query_gradients(
             self.model, [self.params[i] for i in exact], ghost=self.ghost,
             at=None if at is None else [at[i] for i in exact], point=point,

@@ -199,6 +199,7 @@ class ShapleyTracker:
         self._params, self._param_group, self.untracked_optimized = plan_parameters(
             model, self._modules, self.optimizer)
         self._session = CaptureSession(self._modules)
+        self._module_params = {n: list(t.params.values()) for n, t in self._modules.items()}  # step check
         self._steps = StepDirections(
             model, self.optimizer, self.adapter, validation, self._modules, self._params, self._param_group,
             estimator=estimator, order=order, per_query=per_query, query_path=query_path,
@@ -345,7 +346,7 @@ class ShapleyTracker:
             self.step_check(
                 self.step, values=values, module_totals=scored.module_totals, directions=directions,
                 params=self._params, used_grads=self._steps.used_grads,
-                module_params={n: list(t.params.values()) for n, t in self._modules.items()},
+                module_params=self._module_params,
                 compute_dtype=up(self._params[0].detach()).dtype, low_precision=captured_in_half(batches),
             )
         if not np.isfinite(values).all():
