@@ -30,6 +30,7 @@ from inrun_shapley.errors import LogError
 from inrun_shapley.log.accumulator import IdAccumulator
 from inrun_shapley.log.format import DATA_FILE, META_FILE, TMP_FILE, clean_strays, fsync_dir, listed_files
 from inrun_shapley.log.header import read_header
+from inrun_shapley.log.lock import LOCK_FILE
 
 MAX_DELTAS = 64
 
@@ -61,7 +62,8 @@ def open_log_dir(root: Path, resume: bool, overwrite: bool = False) -> dict[str,
             clean_strays(root, header)
             return header
     if root.exists():
-        others = [c.name for c in root.iterdir() if not (TMP_FILE.match(c.name) or DATA_FILE.match(c.name))]
+        others = [c.name for c in root.iterdir()
+                  if not (TMP_FILE.match(c.name) or DATA_FILE.match(c.name) or c.name == LOCK_FILE)]
         if others:
             raise LogError(
                 f"{root}: directory is not empty and holds no value log (found {sorted(others)[:5]}); pick a new path"

@@ -17,6 +17,9 @@ A log is a directory holding
 * ``stats-GGGGGG.npy``: per-step statistics of the same flush (``step``, ``n``, ``mean``,
   ``m2``, ``scale``), always written; they let a merge recompute the global per-step scale.
 
+* ``.writer.lock``: present while a writer is open (see :mod:`inrun_shapley.log.lock`): one
+  writer per log; a second is refused at open, a crashed writer's lock is taken over.
+
 ``G`` is the generation (the flush counter). Every file is written to a temporary name, fsynced
 and moved into place with ``os.replace``, and ``meta.json`` is written last, so a kill at any
 moment leaves the log exactly as of its last complete flush; stray files of an interrupted

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,6 +26,17 @@ RANKINGS = {
     "loss_change": "sum of shares of each step's validation-loss change",
     "step_z": "per-step z-scored score",
 }
+
+
+SNAPSHOT_RETRY_S = 30.0  # how long a reader keeps re-reading while a writer keeps committing
+
+
+def _generation(root: Path) -> int | None:
+    """The generation ``meta.json`` commits now (None when it cannot be read)."""
+    try:
+        return int(read_header(root)["generation"])
+    except (LogError, KeyError, TypeError, ValueError):
+        return None
 
 
 class Ranked(tuple):
@@ -108,6 +120,11 @@ class ShapleyLog:
             verify: check every file's CRC-32 against the header.
             progress: show a tqdm bar while reading many chunks.
 
+        A writer may be flushing or compacting the same log meanwhile: the log is read as of one
+        committed ``meta.json``, and when a commit removes files that header listed the read
+        starts again from the new header (for up to ``SNAPSHOT_RETRY_S`` seconds), so every
+        load is one consistent snapshot.
+
         Raises:
             LogError: missing path, missing or corrupt ``meta.json`` (any field missing or of
                 the wrong type), a listed file missing, a symbolic link or outside the
@@ -118,7 +135,19 @@ class ShapleyLog:
             ranks = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("rank"))
             if ranks:
                 return cls.merge(ranks, verify=verify, progress=progress)
-        header = read_header(root)
+        deadline = time.monotonic() + SNAPSHOT_RETRY_S
+        while True:
+            header = read_header(root)
+            try:
+                return cls._read_snapshot(root, header, verify, progress)
+            except LogError:
+                # a writer that commits while we read removes the files the previous header
+                # listed: that header is then superseded, and the new one is read whole
+                if time.monotonic() > deadline or _generation(root) == header["generation"]:
+                    raise
+
+    @classmethod
+    def _read_snapshot(cls, root: Path, header: dict[str, Any], verify: bool, progress: bool) -> "ShapleyLog":
         q, groups = header["n_queries"], header["group_names"]
         n_groups = len(groups) if groups else 0
         fields = id_fields(q, n_groups)

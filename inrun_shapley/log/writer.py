@@ -14,6 +14,7 @@ from inrun_shapley.log.accumulator import IdAccumulator
 from inrun_shapley.log.fields import id_fields, record_dtype, stats_dtype
 from inrun_shapley.log.commit import MAX_DELTAS, commit, open_log_dir, write_chunk, write_totals
 from inrun_shapley.log.format import FORMAT_NAME, FORMAT_VERSION, META_FILE, library_version, now, read_table
+from inrun_shapley.log.lock import WriterLock
 from inrun_shapley.log.header import INRUN_POSITIVE_MEANS, INRUN_SHAPLEY, score_description
 from inrun_shapley.log.moments import is_degenerate, step_moments, step_scale
 from inrun_shapley.log.step_input import StepChecker, as_numpy, check_writer_args
@@ -103,7 +104,22 @@ class ShapleyLogWriter:
         self._resumed_at: int | None = None
         self._totals: IdAccumulator | None = None  # everything added, flushed or not
         self._delta: IdAccumulator | None = None  # added since the last commit
-        header = open_log_dir(self.path, resume, overwrite)
+        self._lock: WriterLock | None = None
+        if self.path.exists() and not self.path.is_dir():
+            raise LogError(f"{self.path}: exists and is a file; a value log is a directory")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = WriterLock(self.path)  # one writer per log: a second one is refused here
+        try:
+            header = open_log_dir(self.path, resume, overwrite)
+            if overwrite and not self._lock.on_disk():  # the old log (and its lock) was moved aside
+                self._lock.release()
+                self._lock = WriterLock(self.path)
+            self._open(header, metadata)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self, header: dict[str, Any] | None, metadata: dict[str, Any] | None) -> None:
         if header is None:
             self._header: dict[str, Any] = {
                 "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "library_version": library_version(),
@@ -317,8 +333,10 @@ class ShapleyLogWriter:
         """Flush, fold the deltas into one base snapshot, and close; further :meth:`add_step`
         calls raise :class:`LogError`."""
         if not self._closed:
-            self.flush(compact=True)
+            self.flush(compact=True)  # on failure: still open (and locked) for a retry
             self._closed = True
+            if self._lock is not None:
+                self._lock.release()
 
     def __enter__(self) -> "ShapleyLogWriter":
         return self

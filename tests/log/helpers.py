@@ -47,3 +47,15 @@ def write(path, steps, **kw):
         for step, ids, vals, g in steps:
             w.add_step(step, ids, vals, g)
     return ShapleyLog.load(path)
+
+
+def crash(writer) -> None:
+    """What a killed process leaves: the writer's flock freed by the kernel, its lock file (with
+    the dead holder's identity) and its unflushed steps left behind; the object is unusable."""
+    import os
+
+    lock = writer._lock
+    if lock is not None and lock._fd is not None:
+        os.close(lock._fd)
+        lock._fd = None
+    writer._closed = True

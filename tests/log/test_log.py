@@ -19,6 +19,7 @@ from inrun_shapley.log import (
     merge_logs,
     step_moments,
 )
+from tests.log.helpers import crash
 
 GROUPS = ["attn", "mlp", "embed"]
 
@@ -354,6 +355,7 @@ def test_resume_no_double_counting(tmp_path):
     w = ShapleyLogWriter(path, group_names=GROUPS, flush_every=3, metadata={"run": 1})
     for s in steps[:10]:
         w.add_step(*s)  # flushed through step 9; step 10 lost with the "crash"
+    crash(w)
     (path / "stats-000004.npy").write_bytes(b"torn")  # leftover of the interrupted flush
 
     with pytest.raises(LogError, match="resume=True"):
