@@ -126,6 +126,7 @@ class CaptureSession:
         self._handles: list = []
         # one tracked parameter per module: a call that does not see it runs on stand-ins
         self._probe = {name: next(iter(t.params.items())) for name, t in self.modules.items()}
+        self.unsharded = None  # FSDP2: p -> the full parameter a module sees in its forward (engine/sharding.py)
 
     # ---------------------------------------------------------------- hooks
     def attach(self) -> list:
@@ -161,7 +162,8 @@ class CaptureSession:
     def _own_parameters(self, name: str, module: nn.Module) -> bool:
         pname, p = self._probe[name]
         try:
-            return _resolve(module, pname) is p
+            seen = _resolve(module, pname)
+            return seen is p or (self.unsharded is not None and seen is self.unsharded(p))
         except AttributeError:
             return False
 

@@ -13,7 +13,9 @@ import torch
 from torch import Tensor
 
 from inrun_shapley.capture.registry import up
+from inrun_shapley.engine import sharding
 from inrun_shapley.engine.capture_session import MicroBatch
+from inrun_shapley.engine.sharding import is_sharded
 from inrun_shapley.engine.tracked import TrackedModule
 
 __all__ = ["ScoredStep", "captured_in_half", "grad_sq_norm", "gradient_scale", "grads_zeroed", "score_micro_batches",
@@ -127,6 +129,8 @@ def score_micro_batches(
 
 def grad_sq_norm(params: Sequence[Tensor]) -> float:
     """``Σ_p |p.grad|²`` in float64 (parameters without a gradient count 0), one host sync."""
+    if is_sharded([p.grad for p in params if p.grad is not None]):  # FSDP2: over every rank's shard
+        return sharding.grad_sq_norm(params)
     squares = [up(p.grad.detach()).pow(2).sum() for p in params if p.grad is not None]
     if not squares:
         return 0.0
@@ -139,6 +143,8 @@ def grads_zeroed(params: Sequence[Tensor]) -> bool:
     grads = [p.grad for p in params]
     if all(g is None for g in grads):
         return True
+    if is_sharded([g for g in grads if g is not None]):  # FSDP2: zero on every rank
+        return sharding.grads_zeroed(params)
     return all(g is None or not bool(g.any()) for g in grads)
 
 

@@ -34,6 +34,7 @@ from inrun_shapley.engine.queries import QUERY_PATHS
 from inrun_shapley.engine.scoring import (
     captured_in_half, grad_sq_norm, gradient_scale, grads_zeroed, score_micro_batches, world_size,
 )
+from inrun_shapley.engine import sharding
 from inrun_shapley.engine.step_check import StepSumCheck
 from inrun_shapley.engine.step import StepDirections
 from inrun_shapley.engine.store import InMemoryValues
@@ -198,7 +199,13 @@ class ShapleyTracker:
         self._modules, self._reports = plan_modules(model, exclude, strict)
         self._params, self._param_group, self.untracked_optimized = plan_parameters(
             model, self._modules, self.optimizer)
+        self.sharded = sharding.is_sharded(self._params)  # FSDP2: DTensor handling in engine/sharding.py
+        if self.sharded:
+            sharding.check_sharded(self._modules, per_query=per_query, order=order)
+            self.adapter, validation = sharding.ShardedAdapter(self.adapter), sharding.ShardedValidation(validation)
         self._session = CaptureSession(self._modules)
+        if self.sharded:
+            self._session.unsharded = sharding.unsharded_lookup(model)
         self._module_params = {n: list(t.params.values()) for n, t in self._modules.items()}  # step check
         self._steps = StepDirections(
             model, self.optimizer, self.adapter, validation, self._modules, self._params, self._param_group,
@@ -334,7 +341,8 @@ class ShapleyTracker:
             directions = self._steps.directions(self.step, self._session, grad_divisor)
             ghost = self._steps.ghost
             n_dirs = next(iter(directions.values())).shape[0] if directions else ghost.n_queries
-            scored = score_micro_batches(
+            score = sharding.score_sharded if self.sharded else score_micro_batches
+            scored = score(
                 batches, self._modules, directions, theta=self._steps.module_theta,
                 ghost=ghost, n_directions=n_dirs, per_query=self.per_query,
                 keep_groups=self.keep_group_values, device=self._params[0].device,
@@ -342,7 +350,7 @@ class ShapleyTracker:
             )
         scored.scale(scale)
         ids, values, groups = scored.ids, scored.values, scored.groups
-        if ghost is None and world_size(self.world_size) == 1:
+        if ghost is None and world_size(self.world_size) == 1 and not self.sharded:
             self.step_check(
                 self.step, values=values, module_totals=scored.module_totals, directions=directions,
                 params=self._params, used_grads=self._steps.used_grads,

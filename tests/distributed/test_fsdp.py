@@ -1,0 +1,47 @@
+"""FSDP2 (``fully_shard``): 2 processes give the values of one process on the same global batches."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.distributed.fsdp_setup import train
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.distributed
+
+
+def torchrun(script: str, args: list[str], tmp_path: Path, nproc: int = 2) -> Path:
+    """Run ``tests/distributed/<script>`` under ``torchrun --nproc_per_node nproc`` (CPU, gloo);
+    returns the results' path prefix (``$RESULT_PATH``)."""
+    out = tmp_path / "result"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RESULT_PATH": str(out), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "tests" / "distributed" / script), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out
+
+
+def merged(prefix: Path, kind: str, world: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Values and counts of every rank summed (each rank holds its own samples only)."""
+    parts = [np.load(f"{prefix}.{kind}.rank{r}.npy") for r in range(world)]
+    n = max(p.shape[1] for p in parts)
+    total = sum(np.pad(p, ((0, 0), (0, n - p.shape[1]))) for p in parts)
+    return total[0], total[1]
+
+
+def test_fsdp2_two_processes_equal_one_process(tmp_path):
+    prefix = torchrun("fsdp_plain.py", ["mlp", "lm"], tmp_path)
+    for kind in ("mlp", "lm"):
+        ref = train(kind)
+        values, counts = merged(prefix, kind)
+        assert np.array_equal(counts, ref.counts[: len(counts)]), kind
+        scale = np.abs(ref.values).max()
+        assert np.abs(values - ref.values[: len(values)]).max() <= 1e-4 * scale, kind
+        assert scale > 0 and np.count_nonzero(values) == len(values), kind
