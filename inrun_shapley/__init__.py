@@ -48,6 +48,7 @@ _LAZY = {
     "ShapleyLogWriter": "inrun_shapley.log",
     "prune": "inrun_shapley.pruning",
     "subset": "inrun_shapley.pruning",
+    "document_values": "inrun_shapley.documents",
     "Recording": "inrun_shapley.trajectory",
     "TrajectoryRecorder": "inrun_shapley.trajectory",
     "adjoint_influence": "inrun_shapley.posthoc.adjoint",
@@ -63,6 +64,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from inrun_shapley.callbacks.accelerate import ShapleyHook
     from inrun_shapley.callbacks.lightning import ShapleyCallback
     from inrun_shapley.data import IndexedDataset
+    from inrun_shapley.documents import document_values
     from inrun_shapley.engine import Estimator, ModuleReport, ShapleyTracker, ValidationObjective
     from inrun_shapley.log import ShapleyLog, ShapleyLogWriter
     from inrun_shapley.posthoc.adjoint import adjoint_influence

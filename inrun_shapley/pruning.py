@@ -25,6 +25,8 @@ Example:
     [0, 2, 3]
     >>> prune(scores, drop_negative=True, unseen="drop").tolist()
     [0, 2, 4]
+    >>> prune(scores, fraction="auto").tolist()             # the negative-value rule
+    [0, 2, 3, 4]
 """
 
 from __future__ import annotations
@@ -47,9 +49,17 @@ class ClassSkewWarning(UserWarning):
     """A pruning plan removes far more of some class than overall, or all of it."""
 
 
+AUTO = "auto"  # fraction="auto": the negative-value rule (drop every seen id with value < 0)
+
+
 def _check_fraction(fraction: Any) -> float | None:
     if fraction is None:
         return None
+    if isinstance(fraction, str):
+        raise ConfigurationError(
+            f"fraction must be a number in [0, 1] or {AUTO!r} (drop every sample with a negative value), "
+            f"got {fraction!r}"
+        )
     if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
         raise ConfigurationError(f"fraction must be a number in [0, 1], got {fraction!r}")
     value = float(fraction)
@@ -174,7 +184,7 @@ def _lowest(ids: np.ndarray, scores: np.ndarray, n_drop: int) -> np.ndarray:
 def prune(
     log_or_scores: ShapleyLog | np.ndarray,
     *,
-    fraction: float | None = None,
+    fraction: float | str | None = None,
     drop_negative: bool = False,
     keep_top: int | None = None,
     normalize: str = "step_std",
@@ -194,7 +204,10 @@ def prune(
             Per-query logs are ranked by the mean over queries.
         fraction: drop the ``floor(fraction * n + 0.5)`` (nearest, halves up) lowest-scored of
             the ``n`` seen candidates (within each class when ``class_balanced``). 0 keeps
-            all, 1 drops every seen id.
+            all, 1 drops every seen id. ``"auto"``: the negative-value rule of In-Run Data
+            Shapley (2406.11011 §5.3.1): drop every seen id whose score is < 0, the same as
+            ``drop_negative=True`` alone (the share dropped is then the share of negative
+            scores).
         drop_negative: also drop every seen id whose score is < 0 (harmful on balance).
         keep_top: keep only the ``keep_top`` highest-scored seen ids (exclusive with
             ``fraction``).
@@ -231,6 +244,8 @@ def prune(
         ClassSkewWarning: given ``labels``, the plan drops more than twice the overall fraction
             from some class or empties one; the message names the classes.
     """
+    if isinstance(fraction, str) and fraction == AUTO:
+        fraction, drop_negative = None, True
     frac = _check_fraction(fraction)
     if keep_top is not None and (
         isinstance(keep_top, bool) or not isinstance(keep_top, numbers.Integral) or keep_top < 0

@@ -14,6 +14,7 @@ Examples::
 
     inrun-shapley demo --out demo/
     inrun-shapley prune runs/digits.shapley --fraction 0.2 --out keep.txt
+    inrun-shapley prune runs/lm.shapley --fraction auto --documents doc_of_seq.npy --out keep_docs.txt
     inrun-shapley report runs/digits.shapley --out report/ --csv values.csv
 """
 
@@ -60,7 +61,11 @@ def _normalizations() -> tuple[str, ...]:
 def _prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("log", help="value log directory (or a directory of rank* logs)")
     rule = p.add_mutually_exclusive_group()
-    rule.add_argument("--fraction", type=float, help="fraction of seen samples to drop, in [0, 1]")
+    rule.add_argument(
+        "--fraction",
+        help="fraction of seen samples to drop, in [0, 1], or 'auto': drop every sample with a negative "
+        "value (the negative-value rule of In-Run Data Shapley)",
+    )
     rule.add_argument("--keep-top", type=int, help="keep only this many highest-valued seen samples")
     p.add_argument("--drop-negative", action="store_true", help="also drop samples with value < 0")
     p.add_argument("--out", required=True, help="output file of kept ids: .npy, else one id a line")
@@ -75,6 +80,11 @@ def _prune_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--unseen", choices=("keep", "drop"), default="keep", help="never-seen ids")
     p.add_argument(
+        "--documents",
+        help="document id of each logged id (.npy or text, one a line, indexed by id): prune whole documents "
+        "by the sum of their sequences' values and write the kept document ids",
+    )
+    p.add_argument(
         "--labels",
         help="labels indexed by id (.npy or text): for --class-balanced, and to warn when the plan "
         "drops over twice the overall fraction of a class or empties one",
@@ -87,9 +97,23 @@ def _prune_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _parse_fraction(text: str | None) -> float | str | None:
+    """``--fraction``: None, ``"auto"`` or a number in [0, 1]."""
+    if text is None or text.strip().lower() == "auto":
+        return None if text is None else "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise UsageError(
+            f"--fraction must be a number in [0, 1] or 'auto' (drop every sample with a negative value), got {text!r}"
+        )
+    return value
+
+
 def _check_prune_arguments(args: argparse.Namespace) -> None:
-    if args.fraction is not None and not 0.0 <= args.fraction <= 1.0:
-        raise UsageError(f"--fraction must be a number in [0, 1], got {args.fraction}")
+    args.fraction = _parse_fraction(args.fraction)
     if args.keep_top is not None and args.keep_top < 0:
         raise UsageError(f"--keep-top must be >= 0, got {args.keep_top}")
     if args.fraction is None and args.keep_top is None and not args.drop_negative:
@@ -111,6 +135,8 @@ def _prune_run(args: argparse.Namespace) -> int:
 
     _check_prune_arguments(args)
     log = ShapleyLog.load(args.log, progress=True)
+    if args.documents is not None:
+        return _prune_documents(args, log)
     dense = dense_allowed(log.max_id, log.ids.size)
     if not dense and args.unseen == "keep" and args.n_ids is None:
         raise UsageError(
@@ -139,6 +165,31 @@ def _prune_run(args: argparse.Namespace) -> int:
     print(
         f"kept {keep.size} of {total} ids ({total - keep.size} dropped) -> {out}\n"
         f"ranked by {log.ranking(args.normalize, 'mean')} (lowest helpfulness dropped first)"
+    )
+    return 0
+
+
+def _prune_documents(args: argparse.Namespace, log) -> int:
+    """``prune --documents``: rank documents by the sum of their sequences' values."""
+    import warnings
+
+    from inrun_shapley.documents import document_values
+    from inrun_shapley.pruning import prune
+
+    doc_of = read_ids(args.documents, "--documents")
+    values = document_values(log, doc_of, n_docs=args.n_ids, normalize=args.normalize)
+    labels = read_ids(args.labels, "--labels") if args.labels else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        keep = prune(values, fraction=args.fraction, drop_negative=args.drop_negative, keep_top=args.keep_top,
+                     labels=labels, class_balanced=args.class_balanced, unseen=args.unseen)
+    for w in caught:
+        print(f"warning: {_one_line(w.message)}", file=sys.stderr)
+    out = write_ids(args.out, keep)
+    print(
+        f"kept {keep.size} of {values.size} documents ({values.size - keep.size} dropped) -> {out}\n"
+        f"ranked by the sum over each document's sequences of the {log.ranking(args.normalize, 'mean')} "
+        "(lowest dropped first)"
     )
     return 0
 
@@ -218,6 +269,8 @@ _FLAGS = {
     "unseen": "--unseen",
     "normalize": "--normalize",
     "query": "--query",
+    "doc_of": "--documents",
+    "n_docs": "--n-ids",
 }
 _KEYWORD = re.compile(r"\b(" + "|".join(_FLAGS) + r")=(True\b)?")
 _LEADING = re.compile(r"^(" + "|".join(_FLAGS) + r")\b(?= must| has)")
