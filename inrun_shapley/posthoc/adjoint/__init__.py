@@ -67,8 +67,9 @@ the ratio ``κ`` (the clipping factor, held fixed as in docs/math.md §7) with a
 recordings (``every > 1``) refuse such runs.
 """
 
+from inrun_shapley.posthoc.adjoint.counterfactual import RemovalCheck, removal_check, replay_outputs
 from inrun_shapley.posthoc.adjoint.damping import stability_damping
 from inrun_shapley.posthoc.adjoint.influence import adjoint_influence
 from inrun_shapley.posthoc.adjoint.stepper import JACOBIANS
 
-__all__ = ["JACOBIANS", "adjoint_influence", "stability_damping"]
+__all__ = ["JACOBIANS", "RemovalCheck", "adjoint_influence", "removal_check", "replay_outputs", "stability_damping"]

@@ -15,11 +15,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from inrun_shapley.errors import ConfigurationError, LogError, NonFiniteError
+from inrun_shapley.posthoc.adjoint.counterfactual import compare, probe_removals
 from inrun_shapley.posthoc.adjoint.damping import stability_damping
 from inrun_shapley.posthoc.adjoint.replay import Source
 from inrun_shapley.posthoc.adjoint.stepper import JACOBIANS, Stepper
 from inrun_shapley.posthoc.adjoint.work import Work, cast, check_model, query_gradients
 from inrun_shapley.trajectory import Recording
+
+DAMPING_CANDIDATES = (1.0, 0.7, 0.5, 0.35)
+"""The damping values ``damping="replay"`` chooses among (one pass propagates all of them)."""
 
 OUTPUT_KINDS = {"loss": -1, "score": 1, None: None}
 """``output_kind`` -> the value log's ``helpful_sign`` (+1: a higher score is more helpful)."""
@@ -45,6 +49,8 @@ def adjoint_influence(
     output_kind: str | None = None,
     progress: bool = True,
     info: dict | None = None,
+    probe_fraction: float = 0.05,
+    probes: int = 4,
 ) -> np.ndarray:
     """Trajectory-aware influence of every training sample on every query (docs/math.md §8).
 
@@ -64,8 +70,14 @@ def adjoint_influence(
         reduction: ``"mean"`` or ``"sum"``, how the training loss reduced the per-sample losses.
         jacobian: Adam's step Jacobian: ``"loo"`` (default), ``"fixed_state"`` or ``"full"``
             (module docstring: what each one is the exact derivative of). Ignored for SGD.
-        damping: ``"auto"`` (the stability rule of the module docstring) or ``ρ`` in (0, 1]
-            (1 = none) scaling the curvature term.
+        damping: ``"auto"`` (the stability rule of the module docstring), ``"replay"``, or ``ρ``
+            in (0, 1] (1 = none) scaling the curvature term. ``"replay"`` propagates every ρ of
+            :data:`DAMPING_CANDIDATES` in the same pass (the queries repeated), replays the recorded
+            run exactly without ``probes`` random sets of ``probe_fraction`` of the rows
+            (:func:`~inrun_shapley.posthoc.adjoint.probe_removals`, ``probes + 1`` replays, each
+            about one training run) and keeps the ρ whose first-order prediction of those removals
+            has the smallest median relative error over the queries: chosen from the recording
+            alone, and ``info`` then holds that error per query (the stated error estimate).
         last_steps: propagate through the last K recorded steps only (earlier steps get nothing).
         n_train: rows of the result (default: largest recorded id + 1).
         dtype: compute dtype (default: the recording's).
@@ -83,7 +95,12 @@ def adjoint_influence(
             log cannot be ranked by helpfulness).
         progress: show a tqdm progress bar.
         info: a dict filled with diagnostics (``rho``, ``radii``, ``steps``, ``seconds``,
-            ``replay_error``, ``resumed_from``).
+            ``replay_error``, ``resumed_from``; with ``damping="replay"`` also ``damping_errors``
+            {ρ: median relative error} and ``check``, the chosen ρ's
+            :class:`~inrun_shapley.posthoc.adjoint.RemovalCheck`: ``error``/``scale``/``relative``
+            per query at ``probe_fraction``).
+        probe_fraction, probes: the removals ``damping="replay"`` measures (fraction of the
+            recorded rows in (0, 1), number of random sets).
 
     Returns:
         ``[n_train, Q]`` float64 scores; ``scores[i, q] > 0``: including sample i raises ``f_q``.
@@ -124,9 +141,14 @@ def adjoint_influence(
         raise ConfigurationError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if jacobian not in JACOBIANS:
         raise ConfigurationError(f"jacobian must be one of {JACOBIANS}, got {jacobian!r}")
-    if not (damping == "auto" or (isinstance(damping, (int, float)) and not isinstance(damping, bool)
-                                  and 0 < damping <= 1)):
-        raise ConfigurationError(f"damping must be 'auto' or a float in (0, 1], got {damping!r}")
+    if not (damping in ("auto", "replay") or (isinstance(damping, (int, float)) and not isinstance(damping, bool)
+                                               and 0 < damping <= 1)):
+        raise ConfigurationError(f"damping must be 'auto', 'replay' or a float in (0, 1], got {damping!r}")
+    if damping == "replay" and checkpoint is not None:
+        raise ConfigurationError("damping='replay' cannot resume from a checkpoint; pass damping='auto' or a float")
+    if damping == "replay" and not (0 < probe_fraction < 1 and isinstance(probes, int) and probes >= 1):
+        raise ConfigurationError(f"probe_fraction must be in (0, 1) and probes an int >= 1, got {probe_fraction!r}, "
+                                 f"{probes!r}")
     if last_steps is not None and (not isinstance(last_steps, int) or last_steps < 1):
         raise ConfigurationError(f"last_steps must be a positive int or None, got {last_steps!r}")
     if output_kind is not None and output_kind not in ("loss", "score"):
@@ -163,10 +185,12 @@ def adjoint_influence(
                       "recording's (the model only gives the architecture)", stacklevel=2)
     lam = query_gradients(work, theta_final, output_fn, queries, query_block)
     n_q = lam.shape[0]
+    n_cand = len(DAMPING_CANDIDATES) if damping == "replay" else 1
+    lam = lam.repeat(n_cand, 1)
     first = rec.first_step if last_steps is None else max(rec.first_step, rec.last_step - last_steps + 1)
     last = rec.last_step
     n_rows = (rec.max_id() + 1) if n_train is None else int(n_train)
-    scores = torch.zeros(n_rows, n_q, dtype=torch.float64)
+    scores = torch.zeros(n_rows, n_q * n_cand, dtype=torch.float64)
     carry: dict[str, Tensor] = {}
     fingerprint = {
         "run_id": rec.manifest["run_id"], "first": first, "last": last, "jacobian": jacobian,
@@ -195,7 +219,9 @@ def adjoint_influence(
         resumed_from = position
 
     if rho is None:
-        if damping == "auto":
+        if damping == "replay":  # one ρ per repeated block of queries
+            rho = torch.tensor(DAMPING_CANDIDATES, dtype=dtype).repeat_interleave(n_q)[:, None]
+        elif damping == "auto":
             span = list(range(first, last + 1))
             probes = sorted({span[round(i * (len(span) - 1) / 7)] for i in range(8)}) if len(span) > 1 else span
             rho, radii = stability_damping(stepper, source, probes)
@@ -224,7 +250,7 @@ def adjoint_influence(
             lam, carry, dots = stepper.reverse(st, rows, lam, carry, rho)
             if not torch.isfinite(lam).all():
                 raise NonFiniteError(
-                    f"adjoint pass: non-finite adjoint at step {st.step} (rho={rho:.3g}); lower damping"
+                    f"adjoint pass: non-finite adjoint at step {st.step} (damping={damping}); lower damping"
                 )
             scores.index_add_(0, torch.from_numpy(st.ids.astype(np.int64)), dots.T.double())
             position = st.step - 1
@@ -236,6 +262,16 @@ def adjoint_influence(
     bar.close()
     save(position)
     result = scores.numpy()
+    check, errors = None, {}
+    if damping == "replay":
+        removed, actual, replay_error = probe_removals(
+            model, rec, train_data, loss_fn, queries, output_fn, fraction=probe_fraction, probes=probes, seed=0,
+            reduction=reduction, dtype=torch.float64)
+        checks = [compare(result[:, k * n_q:(k + 1) * n_q], removed, actual, replay_error) for k in range(n_cand)]
+        errors = {r: float(np.median(c.relative)) for r, c in zip(DAMPING_CANDIDATES, checks)}
+        best = int(np.argmin([errors[r] for r in DAMPING_CANDIDATES]))
+        rho, check = DAMPING_CANDIDATES[best], checks[best]
+        result = np.ascontiguousarray(result[:, best * n_q:(best + 1) * n_q])
     if log_path is not None:
         from inrun_shapley.log import ShapleyLogWriter
 
@@ -250,6 +286,8 @@ def adjoint_influence(
         ) as w:
             w.add_step(last, seen, result[seen])
     if info is not None:
+        if damping == "replay":
+            info.update(damping_errors=errors, check=check)
         info.update(rho=rho, radii=radii, steps=(first, last), seconds=time.perf_counter() - t0,
                     replay_error=source.max_replay_error, resumed_from=resumed_from,
                     bytes_per_step=rec.bytes_per_step)

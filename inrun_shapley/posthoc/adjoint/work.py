@@ -68,9 +68,10 @@ class Work:
             out.append(g.reshape(batch, -1) if batch else g.reshape(-1))
         return torch.cat(out, dim=1 if batch else 0)
 
-    def terms(self, theta: Tensor, rows, a: Tensor | None = None):
+    def terms(self, theta: Tensor, rows, a: Tensor | None = None, weights: Tensor | None = None):
         """Gradient ``Σ_i c_i`` at ``theta``; with directions ``a [Q, P]`` also ``H a [Q, P]`` and
-        ``⟨c_i, a_q⟩ [Q, B]`` (H = Hessian of the reduced batch loss)."""
+        ``⟨c_i, a_q⟩ [Q, B]`` (H = Hessian of the reduced batch loss). ``weights [B]`` multiplies
+        each row's loss term, the reduction's denominator unchanged (a counterfactual replay)."""
         self.load(theta)
         with torch.enable_grad():
             losses = self.loss_fn(self.model, rows)
@@ -82,6 +83,8 @@ class Work:
             b = losses.shape[0]
             w = torch.full((b,), 1.0 / b if self.reduction == "mean" else 1.0, dtype=losses.dtype,
                            requires_grad=a is not None)
+            if weights is not None:
+                w = (w * weights.to(w.dtype)).detach().requires_grad_(a is not None)
             grads = torch.autograd.grad((w * losses).sum(), self.params, create_graph=a is not None,
                                         allow_unused=True)
             g = self.flat([None if x is None else x.detach() for x in grads], self.params)
