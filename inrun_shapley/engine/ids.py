@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from inrun_shapley.errors import SampleIdError
+from inrun_shapley.log.accumulator import refuse_ids_above_int64
 
 __all__ = ["as_sample_ids", "check_disjoint"]
 
@@ -20,7 +21,8 @@ def as_sample_ids(ids: Any) -> Tensor:
         ids: one integer id per row of the batch: a tensor (any device), array or list.
 
     Raises:
-        SampleIdError: ids missing, empty, not 1-D, not integers, negative, or repeated; the
+        SampleIdError: ids missing, empty, not 1-D, not integers, negative, 2**63 or more, or
+            repeated; the
             message says what to pass instead.
     """
     if ids is None:
@@ -28,7 +30,9 @@ def as_sample_ids(ids: Any) -> Tensor:
             "no sample ids for this batch: pass one integer id per row, e.g. "
             "tracker.batch(batch['index']) (wrap your dataset with inrun_shapley.IndexedDataset to get them)"
         )
-    t = torch.as_tensor(np.asarray(ids.detach().cpu() if isinstance(ids, Tensor) else ids))
+    raw = ids.detach().cpu() if isinstance(ids, Tensor) else ids
+    refuse_ids_above_int64(raw, "sample ids")
+    t = torch.as_tensor(np.asarray(raw))
     if t.dim() != 1:
         raise SampleIdError(f"sample ids must be a 1-D sequence with one id per row, got shape {tuple(t.shape)}")
     if t.numel() == 0:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from inrun_shapley.errors import AttributionError, ConfigurationError
 
-__all__ = ["CHECK_MODES", "StepSumError", "StepSumCheck"]
+__all__ = ["CHECK_MODES", "StepSumError", "StepSumCheck", "nonfinite_training_step"]
 
 CHECK_MODES = ("warn", "raise", "off")
 
@@ -124,3 +124,32 @@ class StepSumCheck:
             return ""
         rows.sort(reverse=True)
         return " Modules whose part does not add up: " + ", ".join(f"{n} ({r:.2g})" for r, n in rows[:5]) + "."
+
+
+def nonfinite_training_step(params: Sequence[Tensor], step: int, ids: Sequence[int]):
+    """The error to raise when a step failed on a non-finite number that came from training.
+
+    A NaN in one training row makes the step's gradient NaN; the optimizer then writes NaN
+    parameters, and the first thing to fail is the validation loss at the new point, which
+    would blame the validation set. Called only on that failure path (reads ``.grad`` and the
+    parameters once).
+
+    Returns:
+        A :class:`~inrun_shapley.errors.NonFiniteError` naming the step's training rows, or None
+        when the gradients and parameters are finite (the validation side is then at fault).
+    """
+    from inrun_shapley.errors import NonFiniteError
+
+    def finite(t) -> bool:
+        return t is None or bool(torch.isfinite(t.detach()).all())
+
+    if all(finite(p.grad) and finite(p) for p in params):
+        return None
+    shown = ", ".join(str(i) for i in list(ids)[:10]) + (", ..." if len(ids) > 10 else "")
+    return NonFiniteError(
+        f"step {step}: the training gradient is NaN or infinite (and the optimizer step wrote it into "
+        f"the parameters), so nothing could be scored; the validation set is not at fault. A training "
+        f"row of this step (ids {shown}) gave a non-finite loss or gradient: check those rows, lower the "
+        "learning rate, or use a GradScaler that skips such steps. The step was not counted "
+        "(tracker.step unchanged)"
+    )

@@ -35,7 +35,7 @@ from inrun_shapley.engine.scoring import (
     captured_in_half, grad_sq_norm, gradient_scale, grads_zeroed, score_micro_batches, world_size,
 )
 from inrun_shapley.engine import sharding
-from inrun_shapley.engine.step_check import StepSumCheck
+from inrun_shapley.engine.step_check import StepSumCheck, nonfinite_training_step
 from inrun_shapley.engine.step import StepDirections
 from inrun_shapley.engine.store import InMemoryValues
 from inrun_shapley.engine.tracked import ModuleReport, plan_modules, plan_parameters
@@ -319,7 +319,27 @@ class ShapleyTracker:
         return self._steps.query_plan
 
     def _after_step(self, optimizer, args, kwargs) -> None:
-        """Step post-hook: the step happened; score every sample of every micro-batch in it."""
+        """Step post-hook: the step happened; score every sample of every micro-batch in it.
+
+        A step that fails before its values are stored is not counted (``self.step`` stays) and
+        its captured batches are dropped, so the next step starts clean."""
+        before = self.step
+        try:
+            self._score_step(kwargs)
+        except BaseException as exc:
+            if self.step != before and self.store.last_step != self.step:  # failed before it was stored
+                ids = [int(i) for b in self._session.step_batches() for i in b.ids.tolist()]
+                self.step = before
+                self._session.finish_step()
+                self._grad_sq_after_backward = None
+                self._steps.reset()
+                if isinstance(exc, NonFiniteError):
+                    blame = nonfinite_training_step(self._params, before + 1, ids)
+                    if blame is not None:
+                        raise blame from exc
+            raise
+
+    def _score_step(self, kwargs) -> None:
         found_inf = kwargs.get("found_inf") if kwargs else None
         if found_inf is not None and bool(torch.as_tensor(found_inf).sum() > 0):
             self._session.finish_step()  # a fused optimizer skipped this step internally
@@ -406,8 +426,28 @@ class ShapleyTracker:
         """Names of the groups of :attr:`group_values` (tracked modules, qualified names)."""
         return list(self._modules)
 
+    def totals(self) -> dict[str, np.ndarray]:
+        """Sparse totals, for any id space (hashes, global row numbers): ``ids`` ``[n_seen]``
+        sorted and, aligned to them, ``value_sum`` (``[n_seen]`` or ``[n_seen, Q]``), ``count``
+        and with groups ``group_sum`` ``[n_seen, G]``; copies."""
+        return self.store.totals()
+
     def step_values(self) -> dict[str, np.ndarray]:
-        """Every per-step record as flat arrays ``step``, ``id``, ``value``."""
+        """Every per-step record kept in memory, as one dict of flat, aligned arrays.
+
+        Returns:
+            ``{"step": [r] int64, "id": [r] int64, "value": [r] or [r, Q] float64}``, one row per
+            (step, sample) pair, in step order.
+
+        Raises:
+            ConfigurationError: per-step records are off (``record_steps=False``, the default).
+        """
+        if not self.store.record_steps:
+            raise ConfigurationError(
+                "per-step records are off (record_steps=False, the default, keeps per-id totals only): "
+                "pass ShapleyTracker(..., record_steps=True) to keep them in memory, or write a value log "
+                "(sink=ShapleyLogWriter(path) or log_dir=...) and read ShapleyLog.load(path).steps"
+            )
         return self.store.step_table()
 
     def report(self) -> list[ModuleReport]:

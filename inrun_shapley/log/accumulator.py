@@ -21,7 +21,7 @@ a dense float64 view is then at most 128 MiB or 32 bytes per seen id. Use :meth:
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -38,19 +38,46 @@ def dense_allowed(max_id: int, n_seen: int) -> bool:
     return max_id + 1 <= max(DENSE_MIN, DENSE_RATIO * n_seen)
 
 
+INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+def refuse_ids_above_int64(ids: Any, what: str = "ids") -> None:
+    """Raise, naming the caller's own numbers, when ``ids`` holds integers of ``2**63`` or more
+    (numpy ``uint64`` hashes, or Python ints, which numpy would turn into floats).
+
+    Raises:
+        SampleIdError: some id does not fit in int64.
+    """
+    arr = np.asarray(ids)
+    if arr.dtype.kind == "u" and arr.size:
+        big = arr[arr > INT64_MAX]
+        big_list = [int(v) for v in big[:5].tolist()]
+    elif arr.dtype.kind in "fO" and arr.size and not isinstance(ids, np.ndarray):
+        items = np.asarray(ids, dtype=object).ravel().tolist()
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in items):
+            return
+        big_list = [int(v) for v in items if int(v) > INT64_MAX][:5]
+    else:
+        return
+    if big_list:
+        raise SampleIdError(
+            f"{what} must be below 2**63 (they are stored as int64), got {big_list}: for 64-bit hashes keep "
+            "63 bits, e.g. ids & (2**63 - 1) or ids >> 1, as numpy int64"
+        )
+
+
 def check_ids(ids: np.ndarray, what: str = "ids") -> np.ndarray:
     """``ids`` as a 1-D int64 array of non-negative ids.
 
     Raises:
         SampleIdError: not 1-D, not integers, negative, or above the int64 range.
     """
+    refuse_ids_above_int64(ids, what)
     ids = np.asarray(ids)
     if ids.ndim != 1:
         raise SampleIdError(f"{what} must be 1-D, got shape {ids.shape}")
     if ids.size and not np.issubdtype(ids.dtype, np.integer):
         raise SampleIdError(f"{what} must be integers, got dtype {ids.dtype}")
-    if ids.size and ids.dtype == np.uint64 and int(ids.max()) > np.iinfo(np.int64).max:
-        raise SampleIdError(f"{what} must be non-negative int64 ids in [0, 2**63), got {int(ids.max())}")
     ids = ids.astype(np.int64, copy=False)
     if ids.size and int(ids.min()) < 0:
         raise SampleIdError(f"{what} must be non-negative int64 ids in [0, 2**63), got min {int(ids.min())}")
@@ -191,6 +218,10 @@ class IdAccumulator:
             out[name] = self._data[name][self._main_rows]
         return out
 
+    def totals(self) -> dict[str, np.ndarray]:
+        """The same as :meth:`table` (the name the tracker and the log use)."""
+        return self.table()
+
     def lookup(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Field ``name`` at ``ids`` (any order, duplicates allowed); 0 for ids never seen."""
         ids = check_ids(ids)
@@ -210,12 +241,13 @@ class IdAccumulator:
         if not dense_allowed(self.max_id, self._n):
             raise SampleIdError(
                 f"ids are sparse (largest id {self.max_id}, {self._n} ids seen): a dense array indexed "
-                f"by id would have {size} rows. Use the sparse API instead: ids() and table() (values "
-                "aligned to the seen ids), or lookup(name, ids) at the ids you need"
+                f"by id would have {size} rows. Use the sparse API instead: totals() (the seen ids and "
+                "their sums aligned to them), on the tracker, the log writer and ShapleyLog alike"
             )
         out = self.fields[name].zeros(size)
         out[self._row_ids[: self._n]] = self._data[name][: self._n]
         return out
 
 
-__all__ = ["DENSE_MIN", "DENSE_RATIO", "IdAccumulator", "check_ids", "dense_allowed"]
+__all__ = ["DENSE_MIN", "DENSE_RATIO", "INT64_MAX", "IdAccumulator", "check_ids", "dense_allowed",
+           "refuse_ids_above_int64"]

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from inrun_shapley.errors import ConfigurationError, NonFiniteError, SampleIdError
-from inrun_shapley.log.accumulator import check_ids
+from inrun_shapley.log.accumulator import check_ids, refuse_ids_above_int64
 
 
 def as_numpy(x: Any) -> np.ndarray:
@@ -62,6 +62,7 @@ class StepChecker:
             ConfigurationError: shapes inconsistent with the log.
             NonFiniteError: NaN/inf values.
         """
+        refuse_ids_above_int64(ids if isinstance(ids, (list, tuple)) else as_numpy(ids), f"step {step}: ids")
         ids_arr = check_ids(as_numpy(ids), what=f"step {step}: ids")
         n = ids_arr.shape[0]
         if n and np.unique(ids_arr).shape[0] != n:

@@ -48,7 +48,7 @@ def test_accumulator_matches_a_dict_oracle():
     "ids, match",
     [
         (np.array([-1, 2]), "non-negative"),
-        (np.array([2**63], dtype=np.uint64), "non-negative int64"),
+        (np.array([2**63], dtype=np.uint64), r"below 2\*\*63.*9223372036854775808"),
         (np.array([1.0]), "integers"),
         (np.array([[1]]), "1-D"),
     ],
@@ -69,7 +69,7 @@ def test_log_with_huge_ids_stays_small(tmp_path):
     assert peak < 20 * 2**20  # a dense layout would need 8 bytes x 5e17 ids
     assert_totals_match(log.totals(), steps)
     assert log.max_id == int(HUGE.max()) and log.ids.tolist() == sorted(reference_table(steps))
-    with pytest.raises(SampleIdError, match=r"ids are sparse.*ids\(\) and table\(\)"):
+    with pytest.raises(SampleIdError, match=r"ids are sparse.*totals\(\)"):
         log.values
     ref = reference_table(steps)
     np.testing.assert_allclose(log.scores("none", ids=HUGE), [ref.get(i, [0.0])[0] for i in HUGE.tolist()])
