@@ -28,6 +28,7 @@ import numpy as np
 from inrun_shapley.errors import ConfigurationError, SampleIdError
 from inrun_shapley.log import NORMALIZATIONS, ShapleyLog
 from inrun_shapley.log.accumulator import check_ids
+from inrun_shapley.pruning import array_scores
 
 REDUCTIONS = ("sum", "mean")
 
@@ -40,17 +41,7 @@ def _sequence_scores(log_or_scores: Any, normalize: str, query: Any) -> tuple[np
         log = log_or_scores
         q = "mean" if log.n_queries is not None and query is None else query
         return log.ids.copy(), log.helpfulness(normalize, q, ids=log.ids, purpose="document_values()")
-    scores = np.asarray(log_or_scores)
-    if scores.ndim != 1 or not np.issubdtype(scores.dtype, np.number):
-        raise ConfigurationError(
-            f"scores must be a ShapleyLog or a 1-D numeric array indexed by sequence id, got shape "
-            f"{scores.shape} dtype {scores.dtype}"
-        )
-    scores = scores.astype(np.float64)
-    if np.any(np.isinf(scores)):
-        raise ConfigurationError("scores contain inf; use NaN for sequences never seen")
-    seen = np.flatnonzero(~np.isnan(scores)).astype(np.int64)
-    return seen, scores[seen]
+    return array_scores(log_or_scores, "sequence id")
 
 
 def document_values(

@@ -81,17 +81,28 @@ def _scored(log_or_scores: Any, normalize: str) -> tuple[np.ndarray, np.ndarray,
         helpful = log.helpfulness(normalize, query="mean", ids=log.ids, purpose="prune()")
         size = log.max_id + 1 if dense_allowed(log.max_id, log.ids.size) else None
         return log.ids.copy(), helpful, size, "the log"
-    scores = np.asarray(log_or_scores)
+    seen, seen_scores = array_scores(log_or_scores)
+    return seen, seen_scores, np.asarray(log_or_scores).shape[0], "the scores"
+
+
+def array_scores(scores: Any, index: str = "id") -> tuple[np.ndarray, np.ndarray]:
+    """``(seen ids [n] sorted, their scores [n] float64)`` of a 1-D score array indexed by
+    ``index`` (NaN marks ids never seen).
+
+    Raises:
+        ConfigurationError: not a 1-D numeric array, or an inf in it.
+    """
+    scores = np.asarray(scores)
     if scores.ndim != 1 or not np.issubdtype(scores.dtype, np.number):
         raise ConfigurationError(
-            f"scores must be a ShapleyLog or a 1-D numeric array indexed by id, got shape "
+            f"scores must be a ShapleyLog or a 1-D numeric array indexed by {index}, got shape "
             f"{scores.shape} dtype {scores.dtype}"
         )
     scores = scores.astype(np.float64)
     if np.any(np.isinf(scores)):
-        raise ConfigurationError("scores contain inf; use NaN for ids never seen")
+        raise ConfigurationError(f"scores contain inf; use NaN for {index}s never seen")
     seen = np.flatnonzero(~np.isnan(scores)).astype(np.int64)
-    return seen, scores[seen], scores.shape[0], "the scores"
+    return seen, scores[seen]
 
 
 def _universe(ids: Any, seen: np.ndarray, size: int | None, unseen: str, what: str) -> np.ndarray:
