@@ -282,66 +282,118 @@ def snapshot_state(group: dict, state: dict) -> dict:
 
 def midpoint_step(g: Tensor, theta: Tensor | None, group: dict, state_after: dict,
                   snapshot: dict | None = None, before: dict | None = None) -> tuple[Tensor, Tensor]:
-    """``(Δ(g/2), dΔ/dg at g/2)`` in one pass, from the state AFTER a step that used gradient ``g``.
+    """``(Δ(g/2), dΔ/dg at g/2)`` of one parameter, from the state AFTER a step that used ``g``
+    (:func:`midpoint_many` on one parameter; args as there, one of each)."""
+    deltas, jacs = midpoint_many([g], [theta], group, [state_after], [snapshot])
+    return deltas[0], jacs[0]
+
+
+def midpoint_many(grads: list[Tensor], thetas: list[Tensor | None], group: dict, states_after: list[dict],
+                  snapshots: list[dict | None] | None = None, befores: list | None = None,
+                  steps: list[float] | None = None) -> tuple[list[Tensor], list[Tensor]]:
+    """``(Δ(g/2), dΔ/dg at g/2)`` of every parameter of one param group, list-wide, from the state
+    AFTER a step that used gradients ``grads``.
 
     The same numbers as ``update``/``update_jacobian_diag`` at ``g/2`` on the state before the
-    step (reconstructed as in :func:`state_before_step`), in a fused form with few temporaries
-    (this runs every step): with ``A = β2·v = max(0, v_t - (1-β2)·g'²)``, ``B = β1·m = m_t - (1-β1)·g'``
-    and ``g'_h`` the effective gradient at ``g/2``,
+    step (reconstructed as in :func:`state_before_step`), as multi-tensor (``torch._foreach_*``)
+    kernels over the whole list, with no host read: with ``A = β2·v = max(0, v_t - (1-β2)·g'²)``,
+    ``B = β1·m = m_t - (1-β1)·g'`` and ``g'_h`` the effective gradient at ``g/2``,
 
         m'_h = B + (1-β1)·g'_h            v'_h = A + (1-β2)·g'_h²         s_h = sqrt(v'_h/b2)
         Δ(g/2) = -lr·m'_h/(b1·(s_h+eps))  (AdamW: - lr·λ·θ)
         dΔ/dg  = -sign·lr/b1 · ([(1-β1)·A - (1-β2)·B·g'_h]/b2 + (1-β1)·s_h·eps) / (s_h·(s_h+eps)²)
 
-    (the cancellation-free form of :func:`update_jacobian_diag`; ``(1-β1)/(b1·D)`` where
-    ``v'_h = 0`` or amsgrad's old maximum is used).
+    (the cancellation-free form of :func:`update_jacobian_diag`; ``(1-β1)/(b1·eps)`` where
+    ``v'_h = 0``: there ``A = g'_h = 0``, the bracket is exactly 0 and ``s_h + eps = eps``).
 
     Args:
-        g: the gradient the step used (after unscaling and clipping), compute dtype.
-        theta: the parameter before the step (compute dtype; needed with weight decay).
-        group: the param group.
-        state_after: ``optimizer.state[p]`` after the step.
-        snapshot: :func:`snapshot_state` taken before the step (exact; needed for amsgrad's old
-            maximum), or None to reconstruct.
-        before: unused (the SGD family's pre-hook record; same signature).
+        grads: the gradients the step used (after unscaling and clipping), compute dtype.
+        thetas: the parameters before the step (compute dtype; needed with weight decay).
+        group: the param group they share.
+        states_after: ``optimizer.state[p]`` after the step, per parameter.
+        snapshots: :func:`snapshot_state` taken before the step per parameter (exact; needed for
+            amsgrad's old maximum), or None entries to reconstruct.
+        befores: unused (the SGD family's pre-hook record; same signature).
+        steps: each state's ``step`` as a host float (read once for the whole model by the
+            caller), or None to read it here.
 
     Returns:
-        ``(delta_half, jacobian)``, each shaped like ``g``.
+        ``(delta_halves, jacobians)``, each entry shaped like its gradient.
     """
     h = hyper(group)
-    if snapshot is not None or h.amsgrad:
-        before = snapshot if snapshot is not None else state_before_step(state_after, g, theta, group)
-        half = 0.5 * g
-        return update(half, theta, group, before), update_jacobian_diag(half, theta, group, before)
-    t = as_float(state_after[STEP])
+    n = len(grads)
+    ts = [as_float(st[STEP]) if steps is None or steps[i] is None else steps[i] for i, st in enumerate(states_after)]
+    deltas: list = [None] * n
+    jacs: list = [None] * n
+    buckets: dict[float, list[int]] = {}
+    for i in range(n):
+        snap = snapshots[i] if snapshots else None
+        if snap is not None or h.amsgrad:  # the exact pre-step state: elementwise, per parameter
+            after = {**states_after[i], STEP: ts[i]}
+            before = {**snap, STEP: ts[i] - 1.0} if snap else snap
+            before = before if before is not None else state_before_step(after, grads[i], thetas[i], group)
+            half = 0.5 * grads[i]
+            deltas[i] = update(half, thetas[i], group, before)
+            jacs[i] = update_jacobian_diag(half, thetas[i], group, before)
+        else:
+            buckets.setdefault(ts[i], []).append(i)
+    for t, idx in buckets.items():
+        ds, js = _midpoint_foreach(h, t, [grads[i] for i in idx], [thetas[i] for i in idx],
+                                   [states_after[i] for i in idx])
+        for k, i in enumerate(idx):
+            deltas[i], jacs[i] = ds[k], js[k]
+    return deltas, jacs
+
+
+def _midpoint_foreach(h: AdamHyper, t: float, g: list[Tensor], theta: list[Tensor | None],
+                      states: list[dict]) -> tuple[list[Tensor], list[Tensor]]:
+    """:func:`midpoint_many` for parameters sharing a step count ``t`` (no amsgrad, no snapshot)."""
+    fe = torch
     bc1, bc2 = _bias_corrections(h, t)
     b1, b2 = h.beta1, h.beta2
-    gs = -g if h.maximize else g
-    g_eff = gs + h.l2 * theta if h.l2 != 0 else gs  # g' of the real step
-    g_half = gs * 0.5
+    dtype = g[0].dtype
+    gs = fe._foreach_neg(g) if h.maximize else g
     if h.l2 != 0:
-        g_half = g_half.add_(theta, alpha=h.l2)
-    dtype = g.dtype
-    if t <= 1.0:  # nothing before the first step
-        a = torch.zeros_like(g)
-        bm = torch.zeros_like(g)
+        g_eff = fe._foreach_add(gs, theta, alpha=h.l2)  # g' of the real step
+        g_half = fe._foreach_mul(gs, 0.5)
+        fe._foreach_add_(g_half, theta, alpha=h.l2)
     else:
-        a = torch.addcmul(state_after[EXP_AVG_SQ].to(dtype), g_eff, g_eff, value=-(1.0 - b2)).clamp_min_(0.0)
-        bm = state_after[EXP_AVG].to(dtype) - (1.0 - b1) * g_eff
-    m_h = torch.add(bm, g_half, alpha=1.0 - b1)
-    v_h = torch.addcmul(a, g_half, g_half, value=1.0 - b2)
-    s_h = v_h.div_(bc2).sqrt_()  # v_h no longer needed
-    d = s_h + h.eps
-    delta = m_h.div_(d).mul_(-h.lr / bc1)
+        g_eff, g_half = gs, fe._foreach_mul(gs, 0.5)
+    if t <= 1.0:  # nothing before the first step
+        a = [torch.zeros_like(x) for x in g]
+        bm = [torch.zeros_like(x) for x in g]
+    else:
+        v = [st[EXP_AVG_SQ].to(dtype) for st in states]
+        a = fe._foreach_addcmul(v, g_eff, g_eff, value=-(1.0 - b2))
+        fe._foreach_clamp_min_(a, 0.0)
+        bm = fe._foreach_add([st[EXP_AVG].to(dtype) for st in states], g_eff, alpha=-(1.0 - b1))
+    m_h = fe._foreach_add(bm, g_half, alpha=1.0 - b1)
+    s_h = fe._foreach_addcmul(a, g_half, g_half, value=1.0 - b2)  # v'_h, then s_h in place
+    fe._foreach_div_(s_h, bc2)
+    fe._foreach_sqrt_(s_h)
+    d = fe._foreach_add(s_h, h.eps)
+    fe._foreach_div_(m_h, d)
+    fe._foreach_mul_(m_h, -h.lr / bc1)
+    delta = m_h
     if h.decoupled and h.weight_decay != 0:
-        delta.add_(theta, alpha=-h.lr * h.weight_decay)
-    # Jacobian: numerator in place on ``a``
-    numer = a.mul_((1.0 - b1) / bc2).addcmul_(bm, g_half, value=-(1.0 - b2) / bc2).add_(s_h, alpha=(1.0 - b1) * h.eps)
-    jac = numer.div_(d.square().mul_(s_h).clamp_min_(torch.finfo(dtype).tiny))
-    flat = s_h == 0  # v'_h = 0 (no gradient, no history): v does not move with g there
-    if bool(flat.any()):
-        jac = torch.where(flat, (1.0 - b1) / d, jac)
-    return delta, jac.mul_(-h.sign * h.lr / bc1)
+        fe._foreach_add_(delta, theta, alpha=-h.lr * h.weight_decay)
+    # Jacobian: numerator in place on ``a``, denominator in place on ``d``
+    fe._foreach_mul_(a, (1.0 - b1) / bc2)
+    fe._foreach_addcmul_(a, bm, g_half, value=-(1.0 - b2) / bc2)
+    fe._foreach_add_(a, s_h, alpha=(1.0 - b1) * h.eps)
+    fe._foreach_mul_(d, d)
+    fe._foreach_mul_(d, s_h)
+    fe._foreach_clamp_min_(d, torch.finfo(dtype).tiny)
+    fe._foreach_div_(a, d)
+    jac = a
+    # where v'_h = 0 (no gradient, no history) v does not move with g: dΔ/dg there is the fixed
+    # (1-β1)/eps, set through the indicator 1 - sign(s_h) (s_h >= 0), with no host read
+    flat = fe._foreach_sign(s_h)
+    fe._foreach_mul_(jac, flat)  # exactly 0 there (1 elsewhere: unchanged)
+    fe._foreach_sub_(flat, 1.0)
+    fe._foreach_add_(jac, flat, alpha=-(1.0 - b1) / h.eps)
+    fe._foreach_mul_(jac, -h.sign * h.lr / bc1)
+    return delta, jac
 
 
 def preconditioner(group: dict, state: dict, eps: float | None = None) -> Tensor:
@@ -363,6 +415,7 @@ class AdamAdapter:
     state_after_step = staticmethod(state_after_step)
     snapshot_state = staticmethod(snapshot_state)
     midpoint_step = staticmethod(midpoint_step)
+    midpoint_many = staticmethod(midpoint_many)
 
     def check_group(self, group: dict) -> str | None:
         if group.get("differentiable"):

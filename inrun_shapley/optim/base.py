@@ -81,6 +81,12 @@ class OptimizerAdapter(Protocol):
         """``(Δ(g/2), dΔ/dg at g/2)`` from the state after a step that used ``g`` (the midpoint
         rule's two per-parameter quantities, docs/math.md §3.2), fused for the step hook."""
 
+    def midpoint_many(self, grads: list, thetas: list, group: dict, states_after: list, snapshots: list | None = None,
+                      befores: list | None = None, steps: list | None = None) -> tuple[list, list]:
+        """:meth:`midpoint_step` for every parameter of one param group at once, as list-wide
+        (``torch._foreach_*``) kernels with no host read; ``steps``: each state's ``step`` as a
+        host float (:func:`host_steps`), or None."""
+
     def before_step(self, group: dict, state: dict) -> dict:
         """Whatever the adapter needs from the state as it was before the step."""
 
@@ -162,3 +168,22 @@ def adapter_for(optimizer) -> OptimizerAdapter:
 def as_float(x) -> float:
     """Plain float from a float or a 0-d tensor (``lr``, ``step`` may be tensors)."""
     return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+def host_steps(states: list[dict]) -> list[float | None]:
+    """Each state's ``step`` as a host float (None where it has none), with one host read for all
+    the tensor-valued ones (torch keeps one 0-d ``step`` tensor per parameter; on the device for
+    fused and capturable optimizers)."""
+    out: list[float | None] = [None] * len(states)
+    tensors: dict[torch.device, list[int]] = {}
+    for i, st in enumerate(states):
+        step = st.get("step") if st else None
+        if isinstance(step, Tensor):
+            tensors.setdefault(step.device, []).append(i)
+        elif step is not None:
+            out[i] = float(step)
+    for idx in tensors.values():
+        values = torch.stack([states[i]["step"].detach().reshape(()).to(torch.float64) for i in idx]).tolist()
+        for i, v in zip(idx, values):
+            out[i] = v
+    return out

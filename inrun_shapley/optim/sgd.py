@@ -166,12 +166,63 @@ def snapshot_state(group: dict, state: dict) -> dict:
 
 def midpoint_step(g: Tensor, theta: Tensor | None, group: dict, state_after: dict, snapshot: dict | None = None,
                   before: dict | None = None) -> tuple[Tensor, Tensor]:
-    """``(Δ(g/2), dΔ/dg)`` from the state after a step that used gradient ``g`` (``dΔ/dg`` is the
-    constant ``-s·lr·k``: the update is affine). ``before`` as in :func:`state_before_step`, or a
-    ``snapshot``."""
-    state_before = snapshot if snapshot is not None else state_before_step(state_after, g, theta, group, before)
-    half = 0.5 * g
-    return update(half, theta, group, state_before), update_jacobian_diag(half, theta, group, state_before)
+    """``(Δ(g/2), dΔ/dg)`` of one parameter (:func:`midpoint_many` on one parameter)."""
+    deltas, jacs = midpoint_many([g], [theta], group, [state_after], [snapshot], [before])
+    return deltas[0], jacs[0]
+
+
+def midpoint_many(grads: list[Tensor], thetas: list[Tensor | None], group: dict, states_after: list[dict],
+                  snapshots: list[dict | None] | None = None, befores: list[dict | None] | None = None,
+                  steps: list[float] | None = None) -> tuple[list[Tensor], list[Tensor]]:
+    """``(Δ(g/2), dΔ/dg)`` of every parameter of one param group, list-wide (``torch._foreach_*``),
+    from the state after a step that used gradients ``grads`` (``dΔ/dg`` is the constant
+    ``-s·lr·k``: the update is affine). Per parameter, ``befores[i]`` as in
+    :func:`state_before_step`, or ``snapshots[i]``; ``steps`` unused (same signature as Adam's).
+    No host read."""
+    h = hyper(group)
+    n = len(grads)
+    fe = torch
+    g_h = fe._foreach_mul(grads, -0.5 if h.maximize else 0.5)  # g' at g/2
+    if h.weight_decay != 0:
+        if any(t is None for t in thetas):
+            raise ValueError("theta is needed for SGD's weight decay term")
+        fe._foreach_add_(g_h, thetas, alpha=h.weight_decay)
+    had = [False] * n
+    if h.momentum != 0:
+        for i in range(n):
+            snap = snapshots[i] if snapshots else None
+            if snap is not None:
+                had[i] = snap.get(MOMENTUM_BUFFER) is not None
+            else:
+                before = befores[i] if befores else None
+                if before is None or "had_buffer" not in before:
+                    raise ConfigurationError(
+                        "SGD with momentum: pass before=SGDAdapter().before_step(group, state) taken in the step "
+                        "pre-hook (whether a momentum buffer existed before the step)")
+                had[i] = bool(before["had_buffer"])
+    steps_out = list(g_h)
+    idx = [i for i in range(n) if had[i]]
+    if idx:
+        by_index: dict[int, Tensor] = {}  # buf_{t-1}: copied before the step, or (buf_t - (1-d)·g')/μ
+        rebuild = [i for i in idx if not (snapshots and snapshots[i] is not None)]
+        if rebuild:
+            g_full = fe._foreach_mul([grads[i] for i in rebuild], -1.0 if h.maximize else 1.0)
+            if h.weight_decay != 0:
+                fe._foreach_add_(g_full, [thetas[i] for i in rebuild], alpha=h.weight_decay)
+            bufs = [states_after[i][MOMENTUM_BUFFER].to(grads[i].dtype) for i in rebuild]
+            rebuilt = fe._foreach_add(bufs, g_full, alpha=-(1.0 - h.dampening))
+            fe._foreach_div_(rebuilt, h.momentum)
+            by_index = dict(zip(rebuild, rebuilt))
+        prev = [by_index[i] if i in by_index else snapshots[i][MOMENTUM_BUFFER].to(grads[i].dtype) for i in idx]
+        new_buf = fe._foreach_mul(prev, h.momentum)
+        fe._foreach_add_(new_buf, [g_h[i] for i in idx], alpha=1.0 - h.dampening)
+        for k, i in enumerate(idx):
+            steps_out[i] = new_buf[k]
+    if h.momentum != 0 and h.nesterov:
+        steps_out = fe._foreach_add(g_h, steps_out, alpha=h.momentum)
+    deltas = fe._foreach_mul(steps_out, -h.lr)
+    jacs = [torch.full_like(grads[i], -h.sign * h.lr * h.coeff(had[i])) for i in range(n)]
+    return deltas, jacs
 
 
 @register_adapter(torch.optim.SGD)
@@ -183,6 +234,7 @@ class SGDAdapter:
     state_after_step = staticmethod(state_after_step)
     snapshot_state = staticmethod(snapshot_state)
     midpoint_step = staticmethod(midpoint_step)
+    midpoint_many = staticmethod(midpoint_many)
 
     def check_group(self, group: dict) -> str | None:
         if group.get("differentiable"):
