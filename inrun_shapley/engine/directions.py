@@ -32,7 +32,7 @@ from torch import Tensor
 
 from inrun_shapley.capture.registry import up
 from inrun_shapley.errors import ConfigurationError
-from inrun_shapley.optim.base import OptimizerAdapter, StepTerms, as_float
+from inrun_shapley.optim.base import OptimizerAdapter, StepTerms, as_float, host_steps
 
 __all__ = [
     "DIRECTION_FNS",
@@ -175,9 +175,32 @@ def ghost_factors(estimator: Estimator, terms: StepTerms) -> tuple[float, Tensor
     return terms.sign * terms.lr, None
 
 
+def _used_gradients(params: Sequence[Tensor], grad_divisor: Tensor | float | None) -> list[Tensor | None]:
+    """Each parameter's gradient the optimizer used, in the compute dtype (``p.grad / grad_divisor``:
+    a fused optimizer's ``p.grad`` is still scaled), list-wide, with no host read."""
+    grads = [None if p.grad is None else up(p.grad.detach()) for p in params]
+    if grad_divisor is None or (not isinstance(grad_divisor, Tensor) and grad_divisor == 1.0):
+        return grads
+    have = [i for i, g in enumerate(grads) if g is not None]
+    if isinstance(grad_divisor, Tensor):
+        divided = [grads[i] / grad_divisor.to(grads[i].device) for i in have]
+    else:
+        divided = torch._foreach_div([grads[i] for i in have], grad_divisor)
+    for i, g in zip(have, divided):
+        grads[i] = g
+    return grads
+
+
+def _with_host_step(state: dict, step: float | None) -> dict:
+    """``state`` with its ``step`` as a host float read beforehand (the adapters' ``as_float`` of
+    it then reads nothing)."""
+    return state if step is None or "step" not in state else {**state, "step": step}
+
+
 def step_terms(adapter: OptimizerAdapter, optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
                param_group: Sequence[int], before: Sequence[dict], theta_before: Sequence[Tensor] | None, *,
-               need_drift: bool, need_loo: bool) -> tuple[list[StepTerms | None], list[Tensor | None]]:
+               need_drift: bool, need_loo: bool, grad_divisor: Tensor | float | None = None,
+               ) -> tuple[list[StepTerms | None], list[Tensor | None]]:
     """Each parameter's step terms, read in the step post-hook.
 
     Args:
@@ -189,6 +212,8 @@ def step_terms(adapter: OptimizerAdapter, optimizer: torch.optim.Optimizer, para
         theta_before: each parameter before the step, or None.
         need_drift: compute ``d0`` (second order).
         need_loo: compute the leave-one-out Jacobian.
+        grad_divisor: a fused optimizer's ``grad_scale`` (the returned gradients are divided by
+            it; the terms use ``p.grad`` as before), or None.
 
     Returns:
         ``(terms, grads)``: per parameter its :class:`StepTerms` (None when it was not updated)
@@ -196,63 +221,69 @@ def step_terms(adapter: OptimizerAdapter, optimizer: torch.optim.Optimizer, para
     """
     groups, state = optimizer.param_groups, optimizer.state
     grads = [None if p.grad is None else up(p.grad.detach()) for p in params]
+    steps = host_steps([state.get(p, {}) for p in params])
     terms: list[StepTerms | None] = []
     for i, p in enumerate(params):
         if grads[i] is None or p not in state and adapter.name != "sgd":
             terms.append(None)
             continue
         theta = up(theta_before[i]) if theta_before is not None else None
-        terms.append(adapter.terms(grads[i], groups[param_group[i]], state.get(p, {}), before[i] if before else {},
-                                   theta, need_drift=need_drift, need_loo=need_loo))
-    return terms, grads
+        terms.append(adapter.terms(grads[i], groups[param_group[i]], _with_host_step(state.get(p, {}), steps[i]),
+                                   before[i] if before else {}, theta, need_drift=need_drift, need_loo=need_loo))
+    return terms, grads if grad_divisor is None else _used_gradients(params, grad_divisor)
 
 
 def midpoint_terms(adapter: OptimizerAdapter, optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
                    param_group: Sequence[int], before: Sequence[dict], snapshots: Sequence[dict | None],
-                   theta_before: Sequence[Tensor], grad_divisor: float = 1.0,
+                   theta_before: Sequence[Tensor], grad_divisor: Tensor | float | None = None,
                    ) -> tuple[list[StepTerms | None], list[Tensor], list[Tensor | None]]:
     """The midpoint rule's terms of each parameter, read in the step post-hook (docs/math.md §3.2).
 
     With ``G`` the gradient the optimizer used (``p.grad / grad_divisor``: after unscaling and
     clipping) and the optimizer state as it was before the step (reconstructed from the state
     after it, or ``snapshots[i]`` taken in the pre-hook where reconstruction is not exact, e.g.
-    amsgrad), computes ``θ_half = θ_t + Δ(G/2)`` and ``J = dΔ/dg`` at ``G/2``.
+    amsgrad), computes ``θ_half = θ_t + Δ(G/2)`` and ``J = dΔ/dg`` at ``G/2``: one list-wide
+    call of the family's ``midpoint_many`` per param group, no host read but the optimizer's
+    step counts (one read for the whole model, where they are tensors).
 
     Args:
-        adapter: the optimizer family's adapter (its ``midpoint_step``: ``Δ(G/2)`` and ``dΔ/dg``
-            there from the state after the step).
+        adapter: the optimizer family's adapter (its ``midpoint_many``).
         optimizer: the innermost torch optimizer (state after the step).
         params: the tracked parameters; ``param_group`` their group indices.
         before: what ``adapter.before_step`` returned in the pre-hook, per parameter.
         snapshots: ``adapter.snapshot_state`` per parameter from the pre-hook, or None to
             reconstruct.
         theta_before: each parameter before the step.
-        grad_divisor: a fused optimizer's ``grad_scale`` (its ``p.grad`` is still scaled), else 1.
+        grad_divisor: a fused optimizer's ``grad_scale`` (a tensor; its ``p.grad`` is still
+            scaled), or None.
 
     Returns:
         ``(terms, theta_half, grads)``: per parameter its :class:`StepTerms` with ``jacobian`` set
-        (None for parameters the step did not update), ``θ_half`` in the parameter's dtype (``θ_t`` where not updated), and the
-        gradient the optimizer used in the compute dtype.
+        (None for parameters the step did not update), ``θ_half`` in the parameter's dtype (``θ_t``
+        where not updated), and the gradient the optimizer used in the compute dtype.
     """
     groups, state = optimizer.param_groups, optimizer.state
-    terms: list[StepTerms | None] = []
-    theta_half: list[Tensor] = []
-    grads: list[Tensor | None] = []
+    grads = _used_gradients(params, grad_divisor)
+    n = len(params)
+    terms: list[StepTerms | None] = [None] * n
+    theta_half: list[Tensor] = list(theta_before)
+    by_group: dict[int, list[int]] = {}
     for i, p in enumerate(params):
-        theta = theta_before[i]
-        if p.grad is None or (p not in state and adapter.name != "sgd"):
-            terms.append(None)
-            theta_half.append(theta)
-            grads.append(None)
-            continue
-        group = groups[param_group[i]]
-        g = up(p.grad.detach())
-        if grad_divisor != 1.0:
-            g = g / grad_divisor
-        th = up(theta)
-        delta, jac = adapter.midpoint_step(g, th, group, state.get(p, {}), snapshots[i] if snapshots else None,
-                                           before[i] if before else None)
-        terms.append(StepTerms(lr=as_float(group["lr"]), coeff=1.0, jacobian=jac))
-        theta_half.append(delta.add_(th).to(theta.dtype))  # θ_t + Δ(G/2), in the delta's buffer
-        grads.append(g)
+        if grads[i] is not None and (p in state or adapter.name == "sgd"):
+            by_group.setdefault(param_group[i], []).append(i)
+    steps = host_steps([state.get(params[i], {}) for idx in by_group.values() for i in idx])
+    k = 0
+    for gi, idx in by_group.items():
+        group = groups[gi]
+        ths = [up(theta_before[i]) for i in idx]
+        deltas, jacs = adapter.midpoint_many(
+            [grads[i] for i in idx], ths, group, [state.get(params[i], {}) for i in idx],
+            [snapshots[i] for i in idx] if snapshots else None, [before[i] for i in idx] if before else None,
+            steps[k:k + len(idx)])
+        k += len(idx)
+        torch._foreach_add_(deltas, ths)  # θ_t + Δ(G/2), in the deltas' buffers
+        lr = as_float(group["lr"])
+        for i, d, j in zip(idx, deltas, jacs):
+            terms[i] = StepTerms(lr=lr, coeff=1.0, jacobian=j)
+            theta_half[i] = d.to(theta_before[i].dtype)
     return terms, theta_half, grads

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,8 @@ from inrun_shapley.log.accumulator import refuse_ids_above_int64
 
 __all__ = ["as_sample_ids", "check_disjoint"]
 
+_CHECKED: "weakref.WeakValueDictionary[int, Tensor]" = weakref.WeakValueDictionary()
+
 
 def as_sample_ids(ids: Any) -> Tensor:
     """The sample ids of one (micro-)batch as a checked ``[n]`` int64 CPU tensor.
@@ -22,30 +25,36 @@ def as_sample_ids(ids: Any) -> Tensor:
 
     Raises:
         SampleIdError: ids missing, empty, not 1-D, not integers, negative, 2**63 or more, or
-            repeated; the
-            message says what to pass instead.
+            repeated; the message says what to pass instead.
     """
     if ids is None:
         raise SampleIdError(
             "no sample ids for this batch: pass one integer id per row, e.g. "
             "tracker.batch(batch['index']) (wrap your dataset with inrun_shapley.IndexedDataset to get them)"
         )
-    raw = ids.detach().cpu() if isinstance(ids, Tensor) else ids
+    if isinstance(ids, Tensor) and _CHECKED.get(id(ids)) is ids:
+        return ids  # returned by this function already (the tracker and its capture session both ask)
+    # ids are host data: one read of a tensor (a device tensor is copied once), then checked in numpy
+    raw = (ids.detach().cpu() if ids.device.type != "cpu" else ids.detach()).numpy() if isinstance(ids, Tensor) \
+        else ids
     refuse_ids_above_int64(raw, "sample ids")
-    t = torch.as_tensor(np.asarray(raw))
-    if t.dim() != 1:
-        raise SampleIdError(f"sample ids must be a 1-D sequence with one id per row, got shape {tuple(t.shape)}")
-    if t.numel() == 0:
+    a = np.asarray(raw)
+    if a.ndim != 1:
+        raise SampleIdError(f"sample ids must be a 1-D sequence with one id per row, got shape {tuple(a.shape)}")
+    if a.size == 0:
         raise SampleIdError("the batch has no sample ids (empty)")
-    if t.dtype.is_floating_point or t.dtype == torch.bool:
-        raise SampleIdError(f"sample ids must be integers, got dtype {t.dtype}")
-    t = t.to(torch.int64)
-    if (t < 0).any():
-        raise SampleIdError(f"sample ids must be non-negative, got {t[t < 0][:5].tolist()}")
-    if t.unique().numel() != t.numel():
-        uniq, counts = torch.unique(t, return_counts=True)
+    if a.dtype.kind not in "iu":
+        kind = "torch.bool" if a.dtype == bool else (str(ids.dtype) if isinstance(ids, Tensor) else str(a.dtype))
+        raise SampleIdError(f"sample ids must be integers, got dtype {kind}")
+    a = a.astype(np.int64, copy=True)
+    if (a < 0).any():
+        raise SampleIdError(f"sample ids must be non-negative, got {a[a < 0][:5].tolist()}")
+    if np.unique(a).size != a.size:
+        uniq, counts = np.unique(a, return_counts=True)
         dup = uniq[counts > 1][:5].tolist()
         raise SampleIdError(f"duplicate sample ids in one batch: {dup}; each row needs its own id")
+    t = torch.from_numpy(a)
+    _CHECKED[id(t)] = t
     return t
 
 

@@ -5,10 +5,8 @@ Pure functions of the captures, the directions and the tracked modules: no track
 
 from __future__ import annotations
 
-import math
 from typing import Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -39,21 +37,12 @@ def captured_in_half(batches: Sequence[MicroBatch]) -> bool:
 
 
 class ScoredStep:
-    """One step's values: ``ids [n]`` int64, ``values [n]`` (``[n, Q]`` per query) and, if kept,
-    ``groups [n, G]`` (per tracked module), float64 numpy arrays."""
+    """One step's values, on the device, in the compute dtype: ``ids [n]`` int64 (host),
+    ``values [n, Q]``, ``groups [n, G]`` (per tracked module) or None, and ``module_totals
+    [G, Q]`` (each tracked module's part of the step's sum). Values are not yet scaled."""
 
-    def __init__(self, ids: np.ndarray, values: np.ndarray, groups: np.ndarray | None,
-                 module_totals: np.ndarray | None = None):
-        self.ids, self.values, self.groups = ids, values, groups
-        self.module_totals = module_totals  # [G, Q]: each tracked module's part of the step's sum
-
-    def scale(self, factor: float) -> None:
-        """Multiply the values (groups, module totals) by a scalar in place."""
-        self.values *= factor
-        if self.groups is not None:
-            self.groups *= factor
-        if self.module_totals is not None:
-            self.module_totals *= factor
+    def __init__(self, ids: Tensor, values: Tensor, groups: Tensor | None, module_totals: Tensor):
+        self.ids, self.values, self.groups, self.module_totals = ids, values, groups, module_totals
 
 
 def score_micro_batches(
@@ -69,7 +58,8 @@ def score_micro_batches(
     device: torch.device,
     dtype: torch.dtype,
 ) -> ScoredStep:
-    """``value[i, q] = Σ_modules Σ_calls <c_i, M[q]>`` for every sample of every micro-batch.
+    """``value[i, q] = Σ_modules Σ_calls <c_i, M[q]>`` for every sample of every micro-batch, into
+    one values tensor on the device (no host read).
 
     Args:
         batches: the step's micro-batches, in order.
@@ -80,21 +70,27 @@ def score_micro_batches(
         ghost: a prepared :class:`~inrun_shapley.engine.queries.GhostQueries` scoring its
             modules, or None.
         n_directions: ``Q``.
-        per_query: keep ``[n, Q]`` values (else ``[n]``, ``Q = 1``).
+        per_query: keep ``[n, Q]`` values (else ``Q = 1``).
         keep_groups: also return the per-module split (``Q = 1`` only).
         device, dtype: where and in which dtype the values are summed.
 
     Returns:
         the step's :class:`ScoredStep`, samples in micro-batch order (values not yet scaled).
     """
-    all_ids, all_vals, all_groups = [], [], []
     names = list(modules)
+    sizes = [mb.ids.numel() for mb in batches]
+    n_all = sum(sizes)
+    values = torch.zeros(n_all, n_directions, dtype=dtype, device=device)
+    groups = torch.zeros(n_all, len(names), dtype=dtype, device=device) if keep_groups else None
     totals = torch.zeros(len(names), n_directions, dtype=dtype, device=device)
+    dirs_of = {name: {pn: directions[id(p)] for pn, p in modules[name].params.items() if id(p) in directions}
+               for name in names}
     with torch.no_grad():
-        for mb in batches:
-            n = mb.ids.numel()
-            vals = torch.zeros(n, n_directions, dtype=dtype, device=device)
-            group = torch.zeros(n, len(names), dtype=dtype, device=device) if keep_groups else None
+        start = 0
+        for mb, n in zip(batches, sizes):
+            vals = values[start:start + n]
+            group = None if groups is None else groups[start:start + n]
+            start += n
             for j, name in enumerate(names):
                 caps = mb.captures.get(name)
                 if not caps:
@@ -107,7 +103,7 @@ def score_micro_batches(
                             vals += part
                             totals[j] += part.sum(0)
                     continue
-                dirs = {pn: directions[id(p)] for pn, p in params.items() if id(p) in directions}
+                dirs = dirs_of[name]
                 if not dirs:
                     continue
                 for cap in caps:
@@ -119,49 +115,59 @@ def score_micro_batches(
                     totals[j] += per_sample.sum(0)
                     if group is not None:
                         group[:, j] += per_sample[:, 0]
-            all_ids.append(mb.ids.numpy())
-            all_vals.append((vals if per_query else vals[:, 0]).double().cpu().numpy())
-            if group is not None:
-                all_groups.append(group.double().cpu().numpy())
-    return ScoredStep(np.concatenate(all_ids), np.concatenate(all_vals),
-                      np.concatenate(all_groups) if all_groups else None, totals.double().cpu().numpy())
+    ids = torch.cat([mb.ids for mb in batches]) if len(batches) != 1 else batches[0].ids
+    return ScoredStep(ids, values, groups, totals)
 
 
-def grad_sq_norm(params: Sequence[Tensor]) -> float:
-    """``Σ_p |p.grad|²`` in float64 (parameters without a gradient count 0), one host sync."""
-    if is_sharded([p.grad for p in params if p.grad is not None]):  # FSDP2: over every rank's shard
-        return sharding.grad_sq_norm(params)
-    squares = [up(p.grad.detach()).pow(2).sum() for p in params if p.grad is not None]
-    if not squares:
-        return 0.0
-    device = squares[0].device  # one host sync for all parameters (model-parallel safe)
-    return float(sum(s.to(device, torch.float64) for s in squares))
+def grad_sq_norm(params: Sequence[Tensor]) -> Tensor | None:
+    """``Σ_p |p.grad|²`` as a float64 0-d tensor on the first gradient's device (None without
+    gradients): one list-wide norm per device and dtype, no host read."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return None
+    if is_sharded(grads):  # FSDP2: over every rank's shard (one all-reduce)
+        return torch.tensor(sharding.grad_sq_norm(params), dtype=torch.float64, device=grads[0].device)
+    device = grads[0].device
+    by_kind: dict[tuple, list[Tensor]] = {}
+    for g in grads:
+        by_kind.setdefault((g.device, g.dtype), []).append(g)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for (_, dtype), gs in by_kind.items():
+        norms = torch._foreach_norm(gs, 2, dtype=up(gs[0]).dtype)
+        total = total + torch.stack(norms).to(device, torch.float64).square().sum()
+    return total
 
 
 def grads_zeroed(params: Sequence[Tensor]) -> bool:
-    """Every gradient is None or all zeros (gradients were reset since the last backward)."""
-    grads = [p.grad for p in params]
-    if all(g is None for g in grads):
+    """Every gradient is None or all zeros (gradients were reset since the last backward); one
+    host read."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
         return True
-    if is_sharded([g for g in grads if g is not None]):  # FSDP2: zero on every rank
+    if is_sharded(grads):  # FSDP2: zero on every rank
         return sharding.grads_zeroed(params)
-    return all(g is None or not bool(g.any()) for g in grads)
+    device = grads[0].device
+    return not bool(torch.stack([g.any().to(device) for g in grads]).any())
 
 
-def gradient_scale(grad_sq_after_backward: float | None, grad_sq_now: float, world_size: int | None,
-                   grad_scale=None) -> float:
-    """Scalar between the captured contributions and the gradient the optimizer used.
+def gradient_scale(grad_sq_after_backward: Tensor | None, grad_sq_now: Tensor | None, world_size: int | None,
+                   grad_scale=None) -> Tensor | float:
+    """Scalar between the captured contributions and the gradient the optimizer used, on the
+    device (float64; a float 1/world without an end-of-backward reading), no host read.
 
     ``sqrt(|ḡ_used|² / |ḡ_backward|²)`` (gradient clipping and loss-scale unscaling, 1 without
-    an end-of-backward reading), divided by a fused optimizer's ``grad_scale`` and by the number
-    of data-parallel ranks averaging gradients (``world_size``; None: the initialized
-    ``torch.distributed`` world size, else 1).
+    an end-of-backward reading; 0 where the backward gradient was 0), divided by a fused
+    optimizer's ``grad_scale`` and by the number of data-parallel ranks averaging gradients
+    (``world_size``; None: the initialized ``torch.distributed`` world size, else 1).
     """
     world = globals()["world_size"](world_size)
     if grad_sq_after_backward is None:
-        ratio = 1.0
+        ratio = torch.ones((), dtype=torch.float64)
     else:
-        ratio = math.sqrt(grad_sq_now / grad_sq_after_backward) if grad_sq_after_backward > 0 else 0.0
+        now = torch.zeros_like(grad_sq_after_backward) if grad_sq_now is None else grad_sq_now
+        before = grad_sq_after_backward
+        ratio = torch.where(before > 0, (now.to(before.device) / torch.where(before > 0, before, 1.0)).sqrt(), 0.0)
     if grad_scale is not None:  # fused optimizers unscale inside the kernel
-        ratio /= float(torch.as_tensor(grad_scale).float())
+        gs = torch.as_tensor(grad_scale).float()
+        ratio = ratio.to(gs.device) / gs.double()
     return ratio / world

@@ -113,6 +113,11 @@ class ShardedAdapter:
                                               _local(snapshot), _local(before))
         return _like(delta, g), _like(jac, g)
 
+    def midpoint_many(self, grads, thetas, group, states_after, snapshots=None, befores=None, steps=None):
+        deltas, jacs = self.inner.midpoint_many(_local(grads), _local(thetas), group, _local(states_after),
+                                                _local(snapshots), _local(befores), steps)
+        return [_like(d, g) for d, g in zip(deltas, grads)], [_like(j, g) for j, g in zip(jacs, grads)]
+
     def terms(self, grad, group, state, before, theta, need_drift, need_loo):
         t = self.inner.terms(_local(grad), group, _local(state), _local(before), _local(theta),
                              need_drift=need_drift, need_loo=need_loo)
@@ -229,7 +234,7 @@ class ShardedValidation:
                 yield self.inner._rows(idx[:1]), 0, len(idx)
 
     def gradient(self, model: nn.Module, params: Sequence[Tensor], step: int, hvp_vectors=None,
-                 at: Sequence[Tensor] | None = None, point=None):
+                 at: Sequence[Tensor] | None = None, point=None, flags: list | None = None):
         """``(grads, None)``: ``∇L_val`` at ``at`` (or the current parameters) as DTensors shaped
         and sharded like ``params`` (fp32 or wider), zeros for parameters the loss does not use.
 
@@ -248,7 +253,7 @@ class ShardedValidation:
             device = params[0].device
             with ctx, torch.enable_grad():
                 for batch, rows, total in self._my_chunks(step):
-                    losses = self.inner.per_sample_losses(model, batch, device)
+                    losses = self.inner.per_sample_losses(model, batch, device, flags=flags)
                     if losses.dim() == 0:
                         piece = losses * (world * rows / total)
                     else:
@@ -314,10 +319,10 @@ def score_sharded(batches, modules, directions: Mapping[int, Tensor], *, theta, 
         part = score_micro_batches(batches, {name: tracked}, dirs, theta=th, n_directions=n_directions,
                                    per_query=per_query, keep_groups=keep_groups, device=device, dtype=dtype)
         del dirs, th
-        if total is None:
-            groups = None if part.groups is None else part.groups.repeat(len(modules), axis=1) * 0.0
-            totals = part.module_totals.repeat(len(modules), axis=0) * 0.0
-            total = ScoredStep(part.ids, part.values * 0.0, groups, totals)
+        if total is None:  # device tensors (engine/step_io.py reads the step once)
+            groups = None if part.groups is None else part.groups.new_zeros(part.groups.shape[0], len(modules))
+            totals = part.module_totals.new_zeros(len(modules), part.module_totals.shape[1])
+            total = ScoredStep(part.ids, torch.zeros_like(part.values), groups, totals)
         total.values += part.values
         if total.groups is not None:
             total.groups[:, j] = part.groups[:, 0]

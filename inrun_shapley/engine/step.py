@@ -1,33 +1,62 @@
-"""One optimizer step's directions: what is read in the step pre-hook, and ``M`` in the post-hook.
+"""One optimizer step of the tracker, as one pipeline read top to bottom (:meth:`StepPipeline.after`).
 
-The pre-hook (parameters still ``theta_t``) keeps what the post-hook can no longer read: the
-optimizer state's pre-step part, ``theta_t`` where a rule or estimator needs it, and the
-validation gradient of estimators that take it at ``theta_t``. The post-hook reads the step
-terms and turns them into one direction per parameter through the pure functions of
-:mod:`~inrun_shapley.engine.directions`. Validation passes never write the model's parameters:
-points other than the current parameters are evaluated with ``torch.func.functional_call``.
+(1) :meth:`StepPipeline.before`, in the step pre-hook (parameters still ``theta_t``): what the
+post-hook can no longer read, returned as a :class:`PreStep` (the adapter's pre-step record,
+``theta_t`` where a rule or estimator needs it, and the validation gradient of estimators that
+take it at ``theta_t``). Then, in the post-hook, :meth:`StepPipeline.after`:
+(2) the step's terms from the optimizer state (the midpoint's ``θ_t + Δ(G/2)`` and ``J`` as
+list-wide kernels of the optimizer family, :mod:`~inrun_shapley.engine.directions`);
+(3) the validation gradient there, through wrappers built once (the model is never written:
+``torch.func.functional_call``); (4) the directions ``M``; (5) every captured micro-batch scored
+into one values tensor on the device (:mod:`~inrun_shapley.engine.scoring`); (6) every check
+folded into flags on the device; (7) one transfer to the host (:mod:`~inrun_shapley.engine.step_io`).
+Nothing in (2)–(6) reads a value on the host, so on a GPU the step synchronizes once.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from inrun_shapley.capture.registry import up
-from inrun_shapley.engine.capture_session import CaptureSession
-from inrun_shapley.engine.directions import Estimator, direction, midpoint_terms, second_order_vector, step_terms
+from inrun_shapley.engine import sharding
+from inrun_shapley.engine.capture_session import CaptureSession, MicroBatch
+from inrun_shapley.engine.directions import (
+    Estimator, direction, midpoint_terms, second_order_vector, step_terms,
+)
 from inrun_shapley.engine.queries import GhostQueries, PlanRow, plan_query_path
+from inrun_shapley.engine.scoring import captured_in_half, grad_sq_norm, gradient_scale, score_micro_batches
+from inrun_shapley.engine.step_check import StepSumCheck
+from inrun_shapley.engine.step_io import HostStep, to_host
 from inrun_shapley.engine.tracked import TrackedModule
 from inrun_shapley.engine.validation import ValidationObjective
-from inrun_shapley.optim.base import OptimizerAdapter
+from inrun_shapley.optim.base import OptimizerAdapter, host_steps
 
-__all__ = ["StepDirections"]
+__all__ = ["PreStep", "StepPipeline"]
 
 
-class StepDirections:
-    """Per-step state between the step hooks, and the step's directions ``M``.
+@dataclass
+class PreStep:
+    """What the step pre-hook keeps for the post-hook (stage 1): references and the few copies
+    the state after the step cannot give back."""
+
+    before: list = field(default_factory=list)  # the adapter's pre-step record per parameter
+    snapshots: list = field(default_factory=list)  # pre-step state copies where reconstruction is inexact
+    theta: list | None = None  # theta_t per parameter, where needed
+    module_theta: dict = field(default_factory=dict)  # theta_t of rules that read parameters
+    val_grads: list | None = None  # validation gradient at theta_t (estimators that take it there)
+    ghost: GhostQueries | None = None  # per-query ghost path: the query side taken with val_grads
+    flags: list = field(default_factory=list)  # device flags of the validation pass (non-finite losses)
+
+
+class StepPipeline:
+    """The tracker's step, from the optimizer's hooks to one host record of values.
+
+    Built once per tracker: everything that does not change from step to step (the tracked
+    parameters, their param groups, the modules' parameter lists) is set here.
 
     Args:
         model: the model.
@@ -37,58 +66,134 @@ class StepDirections:
         modules: the tracked modules.
         params: the tracked parameters (tracker order); ``param_group`` their group indices.
         estimator, order, per_query, query_path: as in the tracker.
+        check: the step-sum check; ``keep_groups``: keep the per-module split.
+        sharded: FSDP2 parameters (``adapter`` and ``validation`` are the sharded ones of
+            :mod:`~inrun_shapley.engine.sharding`; scoring gathers ``M`` one layer at a time).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, adapter: OptimizerAdapter,
                  validation: ValidationObjective, modules: Mapping[str, TrackedModule], params: Sequence[nn.Parameter],
-                 param_group: Sequence[int], *, estimator: Estimator, order: int, per_query: bool, query_path: str):
+                 param_group: Sequence[int], *, estimator: Estimator, order: int, per_query: bool, query_path: str,
+                 check: StepSumCheck, keep_groups: bool = False, sharded: bool = False):
         self.model, self.optimizer, self.adapter, self.validation = model, optimizer, adapter, validation
         self.modules, self.params, self.param_group = modules, list(params), list(param_group)
         self.estimator, self.order, self.per_query, self.query_path = estimator, order, per_query, query_path
+        self.check, self.keep_groups, self.sharded = check, keep_groups, sharded
+        self.score = sharding.score_sharded if sharded else score_micro_batches  # FSDP2: M gathered per layer
+        self.module_params = {n: list(t.params.values()) for n, t in modules.items()}
+        self.reading_modules = [name for name, t in modules.items() if t.rule.reads_parameters]
         self.query_plan: list[PlanRow] | None = None  # per-query values: set at the first step
-        self.ghost: GhostQueries | None = None  # this step's ghost-path query side
-        self.module_theta: dict[str, dict[str, Tensor]] = {}  # theta_t of rules that read parameters
-        self._before: list[dict] = []
-        self._snapshots: list[dict | None] = []  # pre-step state copies where reconstruction is inexact
-        self._theta_before: list[Tensor] | None = None
-        self._val_grads: list | None = None
-        self.used_grads: list[Tensor | None] = []  # this step's gradient per parameter (post-hook)
+        self.compute_dtype = up(self.params[0].detach()).dtype
+        self.device = self.params[0].device
 
-    def before_step(self, step: int, session: CaptureSession) -> None:
+    # ------------------------------------------------------------------ (1) before the step
+    def before(self, step: int, session: CaptureSession) -> PreStep:
         """Step pre-hook work (parameters are ``theta_t``; ``.grad`` is not read).
 
         Args:
             step: the step about to happen (1-based).
             session: the capture session (the per-query cost model reads its captures' shapes).
         """
-        state = self.optimizer.state
-        self._before = [self.adapter.before_step(self.optimizer.param_groups[g], state.get(p, {}))
-                        for p, g in zip(self.params, self.param_group)]
-        self.module_theta = {
-            name: {pn: p.detach().clone() for pn, p in t.params.items()}
-            for name, t in self.modules.items()
-            if t.rule.reads_parameters
-        }
-        if self.order == 2 or self.estimator.needs_theta_before:  # drift / L2 decay terms / midpoint need theta_t
-            self._theta_before = [p.detach().clone() for p in self.params]
+        groups, state = self.optimizer.param_groups, self.optimizer.state
+        pre = PreStep(before=[self.adapter.before_step(groups[g], state.get(p, {}))
+                              for p, g in zip(self.params, self.param_group)])
+        pre.module_theta = {name: {pn: p.detach().clone() for pn, p in self.modules[name].params.items()}
+                            for name in self.reading_modules}
+        if self.order == 2 or self.estimator.needs_theta_before:  # drift / L2 terms / midpoint need theta_t
+            pre.theta = [p.detach().clone() for p in self.params]
         if self.estimator is Estimator.MIDPOINT:
             # amsgrad's previous running max cannot always be reconstructed after the step: copy it
-            self._snapshots = [
-                self.adapter.snapshot_state(self.optimizer.param_groups[g], state.get(p, {}))
-                if self.optimizer.param_groups[g].get("amsgrad") else None
-                for p, g in zip(self.params, self.param_group)
-            ]
-        self._val_grads = None
+            pre.snapshots = [self.adapter.snapshot_state(groups[g], state.get(p, {})) if groups[g].get("amsgrad")
+                             else None for p, g in zip(self.params, self.param_group)]
         if self.order == 1 and self.estimator.validation_point == "theta_t":
             if self.per_query:
-                self._val_grads = self._query_gradients(session)
+                pre.val_grads, pre.ghost = self._query_gradients(session)
             else:
-                self._val_grads, _ = self.validation.gradient(self.model, self.params, step)
+                pre.val_grads, _ = self.validation.gradient(self.model, self.params, step, flags=pre.flags)
+        return pre
 
-    def _query_gradients(self, session: CaptureSession, at: list[Tensor] | None = None) -> list:
+    # ------------------------------------------------------------------ (2)-(7) after the step
+    def after(self, pre: PreStep, step: int, session: CaptureSession, batches: Sequence[MicroBatch], *,
+              grad_sq_backward: Tensor | None, grad_scale=None, found_inf=None, world_size: int = 1) -> HostStep:
+        """Step post-hook: the step's values, on the host, after one transfer.
+
+        Args:
+            pre: what :meth:`before` returned for this step.
+            step: the step that happened (1-based).
+            session: the capture session; ``batches`` its micro-batches of this step.
+            grad_sq_backward: ``|ḡ|²`` at the end of backward (device, float64), or None.
+            grad_scale: a fused optimizer's ``grad_scale`` (its ``p.grad`` is still scaled).
+            found_inf: a fused optimizer's ``found_inf`` (the step was skipped where non-zero).
+            world_size: data-parallel ranks averaging gradients.
+        """
+        flags = list(pre.flags)
+        # (2) the step's terms, and the gradient the optimizer used
+        divisor = None if grad_scale is None else torch.as_tensor(grad_scale, device=self.device)
+        if self.estimator is Estimator.MIDPOINT:
+            terms, theta_half, grads = midpoint_terms(
+                self.adapter, self.optimizer, self.params, self.param_group, pre.before, pre.snapshots, pre.theta,
+                divisor)
+            pre.theta = None  # θ_t is no longer needed: free it before the validation pass
+            # (3) the validation gradient at θ_t + Δ(G/2)
+            if self.per_query:
+                val_grads, ghost = self._query_gradients(session, at=theta_half)
+            else:
+                (val_grads, _), ghost = self.validation.gradient(
+                    self.model, self.params, step, at=theta_half, flags=flags), None
+            del theta_half
+            hvps = None
+        else:
+            terms, grads = step_terms(
+                self.adapter, self.optimizer, self.params, self.param_group, pre.before, pre.theta,
+                need_drift=self.order == 2, need_loo=self.estimator.needs_loo_jacobian, grad_divisor=divisor)
+            if self.order == 2:  # (3) g_v and H_v u at theta_t
+                (val_grads, hvps), ghost = self._second_order_terms(step, terms, grads, pre.theta, flags), None
+            else:
+                val_grads, hvps, ghost = pre.val_grads, None, pre.ghost
+        # (4) the directions M
+        directions = self._directions(terms, val_grads, hvps, ghost)
+        # (5) every captured micro-batch scored on the device
+        n_dirs = next(iter(directions.values())).shape[0] if directions else ghost.n_queries
+        scored = self.score(
+            batches, self.modules, directions, theta=pre.module_theta, ghost=ghost, n_directions=n_dirs,
+            per_query=self.per_query, keep_groups=self.keep_groups, device=self.device, dtype=self.compute_dtype)
+        now = grad_sq_norm(self.params) if grad_sq_backward is not None else None
+        scale = gradient_scale(grad_sq_backward, now, world_size, grad_scale)
+        # (6) the checks' inputs, folded with the values
+        dots = None
+        if ghost is None and world_size == 1 and not self.sharded and self.check.mode != "off":
+            dots = self.check.dots(directions, self.params, grads)
+        # (7) one transfer to the host
+        host = to_host(scored, scale, dots, flags, found_inf, per_query=self.per_query, step=step)
+        if not host.skipped:
+            self.check(step, host, dot_params=None if dots is None else dots[1], module_params=self.module_params,
+                       compute_dtype=self.compute_dtype, low_precision=captured_in_half(batches))
+        return host
+
+    # ------------------------------------------------------------------ the stages' parts
+    def _directions(self, terms, val_grads, hvps, ghost) -> dict[int, Tensor]:
+        """Per tracked parameter (by id) its direction ``M`` as ``[Q, *shape]`` (``Q = 1`` unless
+        per query), in the compute dtype; parameters the step did not update and ghost-path
+        parameters have none (the latter are scored through ``ghost``, prepared here)."""
+        keep = [i for i, t in enumerate(terms) if t is not None and val_grads[i] is not None]
+        if self.estimator is Estimator.MIDPOINT and hvps is None and not self.per_query and keep:
+            # M = -J ⊙ g_half, list-wide
+            ms = torch._foreach_mul([terms[i].jacobian for i in keep], [val_grads[i] for i in keep])
+            torch._foreach_neg_(ms)
+            out = {id(self.params[i]): m.unsqueeze(0) for i, m in zip(keep, ms)}
+        else:
+            out = {}
+            for i in keep:
+                m = direction(self.estimator, terms[i], val_grads[i], None if hvps is None else hvps[i])
+                out[id(self.params[i])] = m if self.per_query else m.unsqueeze(0)
+        if self.per_query and ghost is not None:
+            ghost.prepare({id(p): t for p, t in zip(self.params, terms)}, self.estimator)
+        return out
+
+    def _query_gradients(self, session: CaptureSession, at: list[Tensor] | None = None):
         """Per-query validation gradients (at the current parameters, or at ``at``, one value per
-        tracked parameter); ghost-path parameters get None and :attr:`ghost` holds the query
-        captures taken in the same pass."""
+        tracked parameter) and the ghost path's query side taken in the same pass (or None);
+        ghost-path parameters get None."""
         if self.query_plan is None:
             preconditioned = self.adapter.name != "sgd" and self.estimator in (Estimator.SHAPLEY, Estimator.MIDPOINT)
             self.query_plan = plan_query_path(
@@ -97,79 +202,24 @@ class StepDirections:
             )
         ghost_names = [row.module for row in self.query_plan if row.path == "ghost"]
         if not ghost_names:
-            self.ghost = None
-            return self.validation.query_gradients(self.model, self.params, at=at)
-        self.ghost = GhostQueries({name: self.modules[name].module for name in ghost_names})
-        exact = [i for i, p in enumerate(self.params) if id(p) not in self.ghost.param_ids]
-        point = None if at is None else {id(p): at[i] for i, p in enumerate(self.params) if id(p) in self.ghost.param_ids}
+            return self.validation.query_gradients(self.model, self.params, at=at), None
+        ghost = GhostQueries({name: self.modules[name].module for name in ghost_names})
+        exact = [i for i, p in enumerate(self.params) if id(p) not in ghost.param_ids]
+        point = None if at is None else {id(p): at[i] for i, p in enumerate(self.params) if id(p) in ghost.param_ids}
         grads = self.validation.query_gradients(
-            self.model, [self.params[i] for i in exact], ghost=self.ghost,
+            self.model, [self.params[i] for i in exact], ghost=ghost,
             at=None if at is None else [at[i] for i in exact], point=point,
         )
         out: list = [None] * len(self.params)
         for i, g in zip(exact, grads):
             out[i] = g
-        return out
+        return out, ghost
 
-    def directions(self, step: int, session: CaptureSession | None = None, grad_divisor: float = 1.0) -> dict[int, Tensor]:
-        """Step post-hook: per tracked parameter (by id) its direction ``M`` as ``[Q, *shape]``
-        (``Q = 1`` unless per query), in the compute dtype; parameters the step did not update and
-        ghost-path parameters have none (the latter are scored through :attr:`ghost`).
-
-        Args:
-            step: the step that happened (1-based).
-            session: the capture session (per-query planning at the first step of the midpoint).
-            grad_divisor: a fused optimizer's ``grad_scale`` (its ``p.grad`` is still scaled).
-        """
-        if self.estimator is Estimator.MIDPOINT:
-            terms, theta_half, grads = midpoint_terms(
-                self.adapter, self.optimizer, self.params, self.param_group, self._before, self._snapshots,
-                self._theta_before, grad_divisor)
-            self._theta_before = None  # θ_t is no longer needed: free it before the validation pass
-            if self.per_query:
-                val_grads = self._query_gradients(session, at=theta_half)
-            else:
-                val_grads, _ = self.validation.gradient(self.model, self.params, step, at=theta_half)
-            del theta_half
-            hvps = None
-            self.used_grads = grads
-            return self._assemble(terms, val_grads, hvps)
-        terms, grads = step_terms(
-            self.adapter, self.optimizer, self.params, self.param_group, self._before, self._theta_before,
-            need_drift=self.order == 2, need_loo=self.estimator.needs_loo_jacobian,
-        )
-        self.used_grads = grads if grad_divisor == 1.0 else [None if g is None else g / grad_divisor for g in grads]
-        if self.order == 2:
-            val_grads, hvps = self._second_order_terms(step, terms, grads)
-        else:
-            val_grads, hvps = self._val_grads, None
-        return self._assemble(terms, val_grads, hvps)
-
-    def _assemble(self, terms, val_grads, hvps) -> dict[int, Tensor]:
-        """Directions from the step terms and validation gradients (and the ghost query side)."""
-        out = {}
-        for i, (p, t) in enumerate(zip(self.params, terms)):
-            if t is None or val_grads[i] is None:  # no step, or a ghost-path parameter
-                continue
-            m = direction(self.estimator, t, val_grads[i], None if hvps is None else hvps[i])
-            out[id(p)] = m if self.per_query else m.unsqueeze(0)
-        if self.per_query and self.ghost is not None:
-            self.ghost.prepare({id(p): t for p, t in zip(self.params, terms)}, self.estimator)
-        return out
-
-    def _second_order_terms(self, step: int, terms, grads):
+    def _second_order_terms(self, step: int, terms, grads, theta, flags):
         """``g_v`` and ``H_v u`` at theta_t, with ``u = d0 + ½ Σ_j δ_j`` (docs/math.md §2), evaluated
         on the saved theta_t through ``functional_call``: the parameters are never written."""
         u = [up(torch.zeros_like(p)) if t is None else second_order_vector(t, g)
              for t, g, p in zip(terms, grads, self.params)]
         if self.per_query:  # H_q u for every query q (u is shared)
-            return self.validation.query_gradients(self.model, self.params, hvp_vectors=u, at=self._theta_before)
-        return self.validation.gradient(self.model, self.params, step, hvp_vectors=u, at=self._theta_before)
-
-    def reset(self) -> None:
-        """Forget the step's state once it was scored."""
-        self._val_grads = None
-        self._theta_before = None
-        self._snapshots = []
-        self.used_grads = []
-        self.ghost = None
+            return self.validation.query_gradients(self.model, self.params, hvp_vectors=u, at=theta)
+        return self.validation.gradient(self.model, self.params, step, hvp_vectors=u, at=theta, flags=flags)

@@ -53,40 +53,43 @@ class StepSumCheck:
         self.warned = False
         self.last_error: float | None = None  # relative mismatch of the last checked step
 
-    def __call__(self, step: int, *, values: np.ndarray, module_totals: np.ndarray | None,
-                 directions: Mapping[int, Tensor], params: Sequence[Tensor], used_grads: Sequence[Tensor | None],
+    def dots(self, directions: Mapping[int, Tensor], params: Sequence[Tensor], used_grads: Sequence[Tensor | None],
+             ) -> tuple[Tensor, list[int]] | None:
+        """``<M_p, ḡ_p>`` per parameter on the device, ``[P, Q]`` float64, and the ids of those
+        parameters (None when no parameter has both): the check's device side, no host read."""
+        have = [(p, g) for p, g in zip(params, used_grads) if g is not None and id(p) in directions]
+        if not have:
+            return None
+        rows = [(directions[id(p)].reshape(directions[id(p)].shape[0], -1) @ g.reshape(-1).to(directions[id(p)].dtype))
+                for p, g in have]
+        return torch.stack(rows).double(), [id(p) for p, _ in have]
+
+    def __call__(self, step: int, host, *, dot_params: Sequence[int] | None,
                  module_params: Mapping[str, Sequence[Tensor]], compute_dtype: torch.dtype,
                  low_precision: bool) -> None:
-        """Check one step.
+        """Check one step, on the host.
 
         Args:
             step: the step number (for the message).
-            values: the step's scaled values ``[n]`` or ``[n, Q]``.
-            module_totals: ``[G, Q]`` each module's part of the sum, or None.
-            directions: ``{id(param): M [Q, *shape]}``.
-            params, used_grads: the tracked parameters and the gradients the optimizer used.
+            host: the step's :class:`~inrun_shapley.engine.step_io.HostStep` (scaled ``values``
+                ``[n, Q]``, ``module_totals [G, Q]``, ``dots [P, Q]`` from :meth:`dots`).
+            dot_params: ids of the parameters of ``host.dots``' rows (None: nothing to check).
             module_params: the tracked modules' parameters by module name (order of
                 ``module_totals``).
             compute_dtype: the dtype values were computed in.
             low_precision: some capture was fp16/bf16.
         """
-        if self.mode == "off":
+        if self.mode == "off" or dot_params is None or host.dots is None:
             return
-        per_param = {}
-        for p, g in zip(params, used_grads):
-            m = directions.get(id(p))
-            if m is None or g is None:
-                continue
-            per_param[id(p)] = (m.reshape(m.shape[0], -1) @ g.reshape(-1).to(m.dtype)).double()
-        if not per_param:
-            return
-        expected = torch.stack(list(per_param.values())).sum(0).cpu().numpy()  # [Q]
+        values = host.values
+        expected = host.dots.sum(0)  # [Q]
         got = values.reshape(values.shape[0], -1).sum(0)
         scale = np.abs(values).reshape(values.shape[0], -1).sum(0) + np.abs(expected) + 1e-300
         err = float(np.max(np.abs(got - expected) / scale))
         self.last_error = err
         if err <= _tolerance(compute_dtype, low_precision):
             return
+        per_param = dict(zip(dot_params, host.dots))
         message = (
             f"step {step}: the step's values sum to {float(got.ravel()[0]):.6g} but the gradient the optimizer "
             f"used gives {float(expected.ravel()[0]):.6g} (relative mismatch {err:.2g}): these values are wrong. "
@@ -94,12 +97,12 @@ class StepSumCheck:
             "block: the norm is read at its exit); a loss term or module output the capture did not see "
             "(outputs in nested containers, a penalty on parameters added to the loss); a layer that mixes "
             "the samples of a batch (BatchNorm in train mode); another tool's hooks rewriting gradients."
-            + self._offenders(module_totals, module_params, per_param)
+            + self._offenders(host.module_totals, module_params, per_param)
         )
         if self.mode == "raise":
             raise StepSumError(message + " (step_check='warn' to continue with a warning)")
         if not self.warned:
-            warnings.warn(message + " (warned once; step_check='raise' stops instead)", RuntimeWarning, stacklevel=4)
+            warnings.warn(message + " (warned once; step_check='raise' stops instead)", RuntimeWarning, stacklevel=5)
             self.warned = True
 
     @staticmethod
@@ -114,7 +117,7 @@ class StepSumCheck:
         for j, (name, ps) in enumerate(module_params.items()):
             if any(uses[id(p)] > 1 for p in ps):  # tied weights: the split per module is not defined
                 continue
-            exp = sum((per_param[id(p)] for p in ps if id(p) in per_param), torch.zeros(())).cpu().numpy()
+            exp = sum((per_param[id(p)] for p in ps if id(p) in per_param), np.zeros(module_totals.shape[1:]))
             got = module_totals[j]
             gap = float(np.max(np.abs(got - exp)))
             rel = gap / (float(np.max(np.abs(exp))) + float(np.max(np.abs(got))) + 1e-300)

@@ -26,17 +26,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from inrun_shapley.capture.registry import up
 from inrun_shapley.engine.capture_session import CaptureSession
 from inrun_shapley.engine.directions import Estimator
 from inrun_shapley.engine.ids import as_sample_ids
 from inrun_shapley.engine.queries import QUERY_PATHS
-from inrun_shapley.engine.scoring import (
-    captured_in_half, grad_sq_norm, gradient_scale, grads_zeroed, score_micro_batches, world_size,
-)
 from inrun_shapley.engine import sharding
+from inrun_shapley.engine.scoring import grad_sq_norm, grads_zeroed, world_size
 from inrun_shapley.engine.step_check import StepSumCheck, nonfinite_training_step
-from inrun_shapley.engine.step import StepDirections
+from inrun_shapley.engine.step import PreStep, StepPipeline
 from inrun_shapley.engine.store import InMemoryValues
 from inrun_shapley.engine.tracked import ModuleReport, plan_modules, plan_parameters
 from inrun_shapley.data import default_loss, validation_rows
@@ -192,7 +189,8 @@ class ShapleyTracker:
         self.sink = sink
         self.step = 0  # real optimizer steps seen
         self.skipped_steps = 0  # micro-batch groups dropped because their step never happened
-        self._grad_sq_after_backward: float | None = None
+        self._grad_sq_after_backward = None  # |ḡ|² at the end of backward: a device tensor
+        self._pre: PreStep | None = None  # the pre-hook's record of the step under way (None: scored)
         self._warned_no_backward_signal = False
         self._listeners: list = []
 
@@ -206,10 +204,10 @@ class ShapleyTracker:
         self._session = CaptureSession(self._modules)
         if self.sharded:
             self._session.unsharded = sharding.unsharded_lookup(model)
-        self._module_params = {n: list(t.params.values()) for n, t in self._modules.items()}  # step check
-        self._steps = StepDirections(
+        self._pipeline = StepPipeline(
             model, self.optimizer, self.adapter, validation, self._modules, self._params, self._param_group,
             estimator=estimator, order=order, per_query=per_query, query_path=query_path,
+            check=self.step_check, keep_groups=group_values, sharded=self.sharded,
         )
         self._handles = self._session.attach()
         self._handles.append(self.optimizer.register_step_pre_hook(self._before_step))
@@ -303,107 +301,72 @@ class ShapleyTracker:
     # ------------------------------------------------------------ step hooks
     def _before_step(self, optimizer, args, kwargs) -> None:
         """Step pre-hook: parameters are still theta_t. Never reads ``.grad``."""
-        # An optimizer subclass whose step() calls super().step() runs torch's hooks twice (once per
-        # class wrapper): the inner post-hook scores the step, the outer one must not.
-        self._scored_in_this_step = False
         for listener in self._listeners:
             if hasattr(listener, "before_step"):
                 listener.before_step(self, self.step + 1)
         with self._suspend():
-            self._steps.before_step(self.step + 1, self._session)
+            self._pre = self._pipeline.before(self.step + 1, self._session)
 
     @property
     def query_plan(self):
         """Per-query values: which path each tracked layer takes (list of
         :class:`~inrun_shapley.engine.queries.PlanRow`), set at the first step; else None."""
-        return self._steps.query_plan
+        return self._pipeline.query_plan
 
     def _after_step(self, optimizer, args, kwargs) -> None:
-        """Step post-hook: the step happened; score every sample of every micro-batch in it.
-
-        A step that fails before its values are stored is not counted (``self.step`` stays) and
-        its captured batches are dropped, so the next step starts clean."""
-        before = self.step
-        try:
-            self._score_step(kwargs)
-        except BaseException as exc:
-            if self.step != before and self.store.last_step != self.step:  # failed before it was stored
-                ids = [int(i) for b in self._session.step_batches() for i in b.ids.tolist()]
-                self.step = before
-                self._session.finish_step()
-                self._grad_sq_after_backward = None
-                self._steps.reset()
-                if isinstance(exc, NonFiniteError):
-                    blame = nonfinite_training_step(self._params, before + 1, ids)
-                    if blame is not None:
-                        raise blame from exc
-            raise
-
-    def _score_step(self, kwargs) -> None:
-        found_inf = kwargs.get("found_inf") if kwargs else None
-        if found_inf is not None and bool(torch.as_tensor(found_inf).sum() > 0):
-            self._session.finish_step()  # a fused optimizer skipped this step internally
-            return
+        """Step post-hook: the step happened; score every sample of every micro-batch in it
+        (:meth:`StepPipeline.after`: one read of the step's values and flags), then hand the
+        values to the store, the sink and the listeners."""
         batches = self._session.step_batches()
-        if not batches and getattr(self, "_scored_in_this_step", False):
-            return  # the outer hook of a nested step(): already scored
+        pre, self._pre = self._pre, None
+        if not batches and pre is None:
+            return  # the outer hook of a nested step() (a subclass calling super().step()): already scored
         if not batches:
             raise SampleIdError(
                 "optimizer.step() ran but no batch was marked: wrap each micro-batch's forward and "
                 "backward in `with tracker.batch(ids):` (one sample id per row)"
             )
-        self.step += 1
-        self._scored_in_this_step = True
-        scale = self._gradient_scale(kwargs)
-        with self._suspend():
-            grad_scale = kwargs.get("grad_scale") if kwargs else None
-            grad_divisor = 1.0 if grad_scale is None else float(torch.as_tensor(grad_scale).float())
-            directions = self._steps.directions(self.step, self._session, grad_divisor)
-            ghost = self._steps.ghost
-            n_dirs = next(iter(directions.values())).shape[0] if directions else ghost.n_queries
-            score = sharding.score_sharded if self.sharded else score_micro_batches
-            scored = score(
-                batches, self._modules, directions, theta=self._steps.module_theta,
-                ghost=ghost, n_directions=n_dirs, per_query=self.per_query,
-                keep_groups=self.keep_group_values, device=self._params[0].device,
-                dtype=up(self._params[0].detach()).dtype,
-            )
-        scored.scale(scale)
-        ids, values, groups = scored.ids, scored.values, scored.groups
-        if ghost is None and world_size(self.world_size) == 1 and not self.sharded:
-            self.step_check(
-                self.step, values=values, module_totals=scored.module_totals, directions=directions,
-                params=self._params, used_grads=self._steps.used_grads,
-                module_params=self._module_params,
-                compute_dtype=up(self._params[0].detach()).dtype, low_precision=captured_in_half(batches),
-            )
-        if not np.isfinite(values).all():
-            raise NonFiniteError(
-                f"step {self.step}: {int((~np.isfinite(values)).sum())} sample value(s) are NaN or "
-                "infinite: the training loss or its gradients were not finite (lower the learning "
-                "rate, check the data, or use a GradScaler that skips such steps)"
-            )
-        self.store.add_step(self.step, ids, values, groups, list(self._modules) if groups is not None else None)
-        if self.sink is not None:
-            self.sink.add_step(self.step, ids, values, group_values=groups)
-        for listener in self._listeners:
-            if hasattr(listener, "after_step"):
-                listener.after_step(self, self.step, ids)
-        self._session.finish_step()
-        self._grad_sq_after_backward = None
-        self._steps.reset()
-
-    def _gradient_scale(self, kwargs) -> float:
-        before = self._grad_sq_after_backward
-        if before is None and not self._warned_no_backward_signal:
+        if pre is None:
+            raise ConfigurationError("the optimizer's step post-hook ran without its pre-hook: the tracker "
+                                     "cannot score this step (attach the tracker before calling step())")
+        kwargs = kwargs or {}
+        if self._grad_sq_after_backward is None and not self._warned_no_backward_signal:
             warnings.warn(
                 "inrun-shapley saw no end-of-backward signal for this step (tracker.batch(...) "
                 "exit or after_backward()); gradient clipping and loss scaling are not accounted for",
-                stacklevel=4,
+                stacklevel=3,
             )
             self._warned_no_backward_signal = True
-        now = grad_sq_norm(self._params) if before is not None else 0.0
-        return gradient_scale(before, now, self.world_size, kwargs.get("grad_scale") if kwargs else None)
+        try:
+            with self._suspend():
+                host = self._pipeline.after(
+                    pre, self.step + 1, self._session, batches, grad_sq_backward=self._grad_sq_after_backward,
+                    grad_scale=kwargs.get("grad_scale"), found_inf=kwargs.get("found_inf"),
+                    world_size=world_size(self.world_size))
+        except BaseException as exc:
+            # a step that fails before its values are stored is not counted (``self.step`` stays) and
+            # its captured batches are dropped, so the next step starts clean
+            ids = [int(i) for b in batches for i in b.ids.tolist()]
+            self._session.finish_step()
+            self._grad_sq_after_backward = None
+            if isinstance(exc, NonFiniteError):
+                blame = nonfinite_training_step(self._params, self.step + 1, ids)
+                if blame is not None:
+                    raise blame from exc
+            raise
+        self._grad_sq_after_backward = None
+        if host.skipped:  # a fused optimizer skipped this step internally (found_inf)
+            self._session.finish_step()
+            return
+        self.step += 1
+        groups = host.groups
+        self.store.add_step(self.step, host.ids, host.values, groups, list(self._modules) if groups is not None else None)
+        if self.sink is not None:
+            self.sink.add_step(self.step, host.ids, host.values, group_values=groups)
+        for listener in self._listeners:
+            if hasattr(listener, "after_step"):
+                listener.after_step(self, self.step, host.ids)
+        self._session.finish_step()
 
     # -------------------------------------------------------------- results
     @property

@@ -158,13 +158,22 @@ class ValidationObjective:
         return torch.randperm(self._n, generator=g)[: self.sample_size].sort().values
 
     def chunks(self, step: int) -> Iterator[tuple[Any, int]]:
-        """``(batch, rows)`` pieces covering the rows of ``step``."""
+        """``(batch, rows)`` pieces covering the rows of ``step`` (the whole set's pieces are
+        built once and kept: they are the same at every step)."""
+        if self.sample_size is None and self.__dict__.get("_whole") is not None:
+            yield from self._whole
+            return
         idx = self.indices(step)
+        pieces = []
         for start in range(0, len(idx), self.batch_size):
             part = idx[start : start + self.batch_size]
-            yield self._rows(part), len(part)
+            pieces.append((self._rows(part), len(part)))
+            yield pieces[-1]
+        if self.sample_size is None:
+            self._whole = pieces
 
-    def per_sample_losses(self, model: nn.Module, batch, device, values: dict[str, Tensor] | None = None) -> Tensor:
+    def per_sample_losses(self, model: nn.Module, batch, device, values: dict[str, Tensor] | None = None,
+                          flags: list | None = None) -> Tensor:
         """``loss_fn`` on one batch, checked: returns ``[m]`` or a scalar.
 
         Floating tensors of the batch are cast to the model's parameter dtype (a float64
@@ -173,28 +182,42 @@ class ValidationObjective:
 
         ``values`` (from :func:`parameter_values`): evaluate with the model's parameters replaced
         by these tensors through ``torch.func.functional_call`` (the model is not written).
+
+        ``flags``: a list to append a 0-d device flag (true: some loss is NaN or infinite) to,
+        instead of reading it here (the tracker reads every flag of a step at once); None checks
+        here and raises :class:`NonFiniteError`.
         """
         batch = cast_floating(move_to(batch, device), model_dtype(model if values is None else values.values()))
         if values is None:
             losses = self.loss_fn(model, batch)
         else:
-            call = _LossCall(model, self.loss_fn)
-            losses = functional_call(call, {f"model.{n}": v for n, v in values.items()}, (batch,))
+            losses = functional_call(self._loss_call(model), {f"model.{n}": v for n, v in values.items()}, (batch,))
         if not isinstance(losses, Tensor):
             raise ConfigurationError(f"val_loss_fn must return a tensor, got {type(losses).__name__}")
-        if not torch.isfinite(losses.detach()).all():
+        bad = ~torch.isfinite(losses.detach()).all()
+        if flags is not None:
+            flags.append(bad)
+        elif bad:
             raise NonFiniteError(
                 "the validation loss is NaN or infinite at this step; check val_loss_fn and the "
                 "model (a diverging run makes every value meaningless)"
             )
         return losses
 
-    def mean_loss(self, model: nn.Module, step: int, device, values: dict[str, Tensor] | None = None) -> Iterator[Tensor]:
+    def _loss_call(self, model: nn.Module) -> "_LossCall":
+        """The ``functional_call`` wrapper of ``model``, built once per model."""
+        call = self.__dict__.get("_call")
+        if call is None or call.model is not model:
+            call = self._call = _LossCall(model, self.loss_fn)
+        return call
+
+    def mean_loss(self, model: nn.Module, step: int, device, values: dict[str, Tensor] | None = None,
+                  flags: list | None = None) -> Iterator[Tensor]:
         """Yields pieces of ``L_val`` (each already weighted) whose sum is the mean loss
-        (``values``: parameters replaced, see :meth:`per_sample_losses`)."""
-        total = len(self.indices(step))
+        (``values``: parameters replaced, ``flags`` as in :meth:`per_sample_losses`)."""
+        total = self.sample_size or self._n
         for batch, rows in self.chunks(step):
-            losses = self.per_sample_losses(model, batch, device, values)
+            losses = self.per_sample_losses(model, batch, device, values, flags)
             if losses.dim() == 0:
                 yield losses * (rows / total)
             else:
@@ -207,7 +230,7 @@ class ValidationObjective:
 
     def gradient(self, model: nn.Module, params: Sequence[Tensor], step: int,
                  hvp_vectors: Sequence[Tensor] | None = None, at: Sequence[Tensor] | None = None,
-                 point: Mapping[int, Tensor] | None = None):
+                 point: Mapping[int, Tensor] | None = None, flags: list | None = None):
         """Gradient of ``L_val`` with respect to ``params``, without touching the model.
 
         The loss is evaluated through ``torch.func.functional_call`` on aliases of the
@@ -224,6 +247,8 @@ class ValidationObjective:
                 current ones, e.g. the parameters before the step, read in the step post-hook.
             point: ``{id(parameter): value}`` for parameters not in ``params`` that are moved
                 too (the ghost-path layers at the midpoint).
+            flags: collect the non-finite flags on the device instead of reading them
+                (:meth:`per_sample_losses`).
 
         Returns:
             list of gradients (fp32, zeros for unused params), and the HVP list or None.
@@ -234,7 +259,7 @@ class ValidationObjective:
         ctx = eval_mode(model) if self.use_eval_mode else _null()
         with ctx, torch.enable_grad():
             values, leaves = parameter_values(model, params, at, point)
-            for piece in self.mean_loss(model, step, device, values):
+            for piece in self.mean_loss(model, step, device, values, flags):
                 g = torch.autograd.grad(piece, leaves, allow_unused=True, create_graph=hvp_vectors is not None)
                 for i, gi in enumerate(g):
                     if gi is None:
