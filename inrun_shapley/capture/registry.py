@@ -37,12 +37,17 @@ class Capture:
             for an output that received no gradient). Filled during backward.
         rng_state: CPU (and CUDA) random state at the start of the call, kept only for rules that
             re-run the module's forward (so dropout inside a custom module replays its mask).
+        per_sample: the call had no batch dimension and an op broadcast its outputs over the
+            batch: ``args``/``kwargs`` were expanded to the batch's samples, and ``grad_outputs``
+            hold each sample's output gradient gathered at that op (see
+            :mod:`~inrun_shapley.capture.sites`).
     """
 
     args: tuple
     kwargs: dict
     grad_outputs: list = field(default_factory=list)
     rng_state: Any = None
+    per_sample: bool = False
 
     @property
     def grad_output(self) -> Tensor:

@@ -9,14 +9,25 @@ Rows. Each call's rows are the first dimension of its first input (a rule may sa
 recurrent layers with ``batch_first=False``). A call sees either the micro-batch's ``n`` samples,
 or samples flattened sample-major with their positions (``[n·T, ...]``, e.g. a head applied to
 ``h.view(-1, d)``); at least one tracked call of each micro-batch must see exactly ``n`` rows, so
-that fewer ids than samples is caught. A call whose input has a leading dimension of 1 while
-the micro-batch has several samples is a module shared by every sample (a position embedding
-``pos(position_ids)`` with ``position_ids`` of shape ``[1, T]``): its output is replaced by the
-same values expanded to ``[n, ...]`` (a view: it broadcasts exactly as the ``[1, ...]`` output
-did), and its input is recorded expanded the same way, so that each sample gets its own output
-gradient and the rules see an ordinary per-sample call. Code that indexes the shared output
-(``pos_out[0]``) instead of broadcasting it would give every value to the first sample; an
-input of leading dimension ``k·n`` is always read as ``n`` samples flattened sample-major.
+that fewer ids than samples is caught. Two kinds of call share one input by every sample:
+
+* a leading dimension of 1 (``pos(position_ids)`` with ``position_ids`` of shape ``[1, T]``): its
+  output is replaced by the same values expanded to ``[n, ...]`` (a view: it broadcasts exactly
+  as the ``[1, ...]`` output did), and its input is recorded expanded the same way;
+* no batch dimension at all (nanoGPT's ``wpe(torch.arange(T))``, ``[T, d]``): a call whose rows
+  are not ``n``, or whose inputs are off the graph and not views of the model's input, is watched
+  (:mod:`~inrun_shapley.engine.use_sites`); if an op broadcasts its output over the batch, its
+  per-sample output gradients are read at that op and its input is recorded expanded to the
+  samples. Its shape alone never decides: ``T`` a multiple of ``n`` is the usual case. A watched
+  call that no op broadcasts keeps the flattened reading (its rows must then be a multiple of
+  ``n``; checked at the end of the model's forward).
+
+Code that indexes a shared output (``pos_out[0]``) instead of broadcasting it would give every
+value to the first sample; an input of leading dimension ``k·n`` that no op broadcasts is always
+read as ``n`` samples flattened sample-major.
+
+Raw parameters of a module that also has children (a ViT's ``pos_embed``) are read at their use
+sites too (:class:`~inrun_shapley.capture.sites.ParameterSiteRule`).
 
 BatchNorm. Every BatchNorm of the model is watched (forward pre-hook): one normalizing with
 batch statistics while a micro-batch is captured is refused (or, ``strict=False``, warned once).
@@ -41,8 +52,10 @@ from inrun_shapley.batches import detach, leading_dim
 from inrun_shapley.capture import Capture
 from inrun_shapley.capture.norm import BATCH_STATISTICS, uses_batch_statistics
 from inrun_shapley.capture.outputs import map_outputs, tensor_leaves
+from inrun_shapley.capture.sites import residual_ok
 from inrun_shapley.engine.ids import as_sample_ids, check_disjoint
 from inrun_shapley.engine.tracked import TrackedModule, warn_batch_statistics
+from inrun_shapley.engine.use_sites import UseSites
 from inrun_shapley.errors import SampleIdError, UnsupportedModuleError
 
 __all__ = ["CaptureSession", "MicroBatch"]
@@ -57,11 +70,26 @@ class MicroBatch:
     rows_seen: set = field(default_factory=set)  # rows of the tracked calls, shared calls left out
     data_rows: set = field(default_factory=set)  # rows of the model's input and of tracked inputs off the graph
     shared: list = field(default_factory=list)  # names of the modules called on one row shared by the samples
+    inputs: set = field(default_factory=set)  # storages of the model's input tensors (data pointers)
+    suspects: list = field(default_factory=list)  # (name, capture, rows, input off the graph) read at the end
 
     @property
     def complete(self) -> bool:
         """A gradient reached at least one tracked module call."""
         return any(c.complete for caps in self.captures.values() for c in caps)
+
+    def check_suspect(self, name: str, cap: Capture, rows: int | None) -> None:
+        """Raise unless a call whose output no op broadcast over the batch has rows that are
+        samples, or samples flattened sample-major."""
+        n = self.ids.numel()
+        if not cap.per_sample and (rows is None or rows % n != 0):
+            raise SampleIdError(
+                f"module {name!r} was called on an input with first dimension {rows}, but the batch "
+                f"has {n} sample ids, and no operation broadcast its output over the batch. The tracker "
+                "needs the sample dimension first (or samples flattened sample-major into it), or an "
+                "output without the batch dimension that an elementwise operation (x + pos(...)) "
+                "broadcasts over it: give one id per row of the batch"
+            )
 
     def check_rows(self) -> None:
         """Raise unless the batch is seen to have exactly one row per sample id.
@@ -77,24 +105,43 @@ class MicroBatch:
         n = self.ids.numel()
         if not self.complete:
             return
-        if self.shared:
-            if n in self.data_rows:
+        shared, rows_seen, data_rows = list(self.shared), set(self.rows_seen), set(self.data_rows)
+        for name, cap, rows, off_graph in self.suspects:
+            if cap.per_sample:  # an op broadcast its output over the batch: a call without the batch
+                shared.append(name)
+                continue
+            if not cap.complete:
+                continue
+            self.check_suspect(name, cap, rows)
+            rows_seen.add(rows)
+            if off_graph:
+                data_rows.add(rows)
+        if shared:
+            if n in data_rows:
                 return
             raise SampleIdError(
-                f"module(s) {sorted(set(self.shared))} were called on one row shared by the batch's {n} sample "
-                f"ids, but the model's input had first dimension {sorted(self.data_rows) or 'unknown'}: give "
+                f"module(s) {sorted(set(shared))} were called on one row shared by the batch's {n} sample "
+                f"ids, but the model's input had first dimension {sorted(data_rows) or 'unknown'}: give "
                 "one id per sample of the batch (a module shared by every sample, like a position "
                 "embedding, is only valued inside a batch whose samples the model sees)"
             )
-        if n in self.rows_seen or n in self.data_rows:
+        if n in rows_seen or n in data_rows:
             return
         raise SampleIdError(
             f"the batch has {n} sample ids, but no tracked module was called on {n} rows (first "
-            f"dimensions seen: {sorted(self.rows_seen | self.data_rows)}): give one id per sample of the "
+            f"dimensions seen: {sorted(rows_seen | data_rows)}): give one id per sample of the "
             "batch. Layers applied to samples flattened with their positions ([n*T, ...]) are read "
             "sample-major, which needs at least one tracked layer seeing the n samples themselves "
             "(keep [n, T, ...] there: Linear, Embedding and the norms take any leading dimensions)"
         )
+
+
+def _storage(t: Tensor) -> int:
+    """Where a tensor's data lives: views of one tensor share it."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (fake, functional)
+        return id(t)
 
 
 def _resolve(module: nn.Module, path: str):
@@ -127,11 +174,15 @@ class CaptureSession:
         # one tracked parameter per module: a call that does not see it runs on stand-ins
         self._probe = {name: next(iter(t.params.items())) for name, t in self.modules.items()}
         self.unsharded = None  # FSDP2: p -> the full parameter a module sees in its forward (engine/sharding.py)
+        # use sites: raw parameters of modules with children, outputs of calls without the batch
+        self._sites = UseSites(self.modules, self.capturing, lambda: self._suspended > 0)
 
     # ---------------------------------------------------------------- hooks
     def attach(self) -> list:
         """Register the module hooks; returns their handles (also removed by :meth:`detach`)."""
         for name, tracked in self.modules.items():
+            if name in self._sites.modules:
+                continue  # scored from their use sites (begin() watches them)
             if tracked.rule.needs_rng:
                 self._handles.append(tracked.module.register_forward_pre_hook(partial(self._save_rng, name)))
             self._handles.append(tracked.module.register_forward_hook(partial(self._capture, name), with_kwargs=True))
@@ -139,9 +190,11 @@ class CaptureSession:
             self._handles.append(module.register_forward_pre_hook(partial(self._check_batch_norm, name)))
         if self._root is not None:
             self._handles.append(self._root.register_forward_pre_hook(self._see_model_input, with_kwargs=True))
+            self._handles.append(self._root.register_forward_hook(self._end_of_model_forward))
         return list(self._handles)
 
     def detach(self) -> None:
+        self._sites.stop()
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -177,6 +230,13 @@ class CaptureSession:
             rows = leading_dim((args, kwargs))
             if rows is not None:
                 self.open.data_rows.add(rows)
+            self.open.inputs.update(_storage(t) for t in tensor_leaves((args, kwargs)))
+
+    def _end_of_model_forward(self, module, args, output) -> None:
+        """Every op of the forward ran: a call without the batch that no op broadcast is refused now."""
+        if self.capturing():
+            for name, cap, rows, _ in self.open.suspects:
+                self.open.check_suspect(name, cap, rows)
 
     def _check_batch_norm(self, name: str, module, args) -> None:
         if not self.capturing() or not uses_batch_statistics(module):
@@ -204,15 +264,14 @@ class CaptureSession:
                 f"module {name!r} ({type(module).__name__}) was called on 1 row, but the batch has "
                 f"{n_ids} sample ids: give it the batch's {n_ids} samples (one id per sample)"
             )
-        if not shared and (rows is None or rows % n_ids != 0):
-            raise SampleIdError(
-                f"module {name!r} ({type(module).__name__}) was called on an input with first dimension "
-                f"{rows}, but the batch has {n_ids} sample ids. The tracker needs the sample dimension "
-                "first (or samples flattened sample-major into it): give one id per row of the batch. "
-                "A module shared by every sample (e.g. a position embedding pos(torch.arange(T))) "
-                "must be called on a leading dimension of 1: pos(torch.arange(T)[None]) (or "
-                "position_ids[None]); its [1, T, ...] output broadcasts over the batch as before"
-            )
+        inputs = [t for t in tensor_leaves((args, kwargs)) if t.dim() > 0]
+        off_graph = not any(t.requires_grad for t in inputs)
+        # A call that may lack the batch dimension: rows other than the samples, or inputs neither
+        # on the graph nor views of the model's input (positions built inside the model). Whether
+        # it lacks it is never read from its shape: an op broadcasting its output over the batch
+        # says so (capture.sites); otherwise its rows are read as samples flattened sample-major.
+        suspect = not shared and rule.broadcastable and (
+            rows != n_ids or (off_graph and bool(inputs) and _storage(inputs[0]) not in self.open.inputs))
         if shared:
             args, kwargs, output = self._expand_shared(name, module, args, kwargs, output, n_ids)
         cap = Capture(args=detach(args), kwargs=detach(kwargs), rng_state=self._rng_states.pop(name, None))
@@ -220,13 +279,21 @@ class CaptureSession:
         cap.grad_outputs = [None] * len(outputs)
         for j, out in enumerate(outputs):
             if out.requires_grad:
-                out.register_hook(partial(self._store_grad, cap, j))
+                out.register_hook(partial(self._store_grad, name, cap, j))
         self.open.captures.setdefault(name, []).append(cap)
         if shared:
             self.open.shared.append(name)
+        elif suspect:
+            self.open.suspects.append((name, cap, rows, off_graph))
+            self._sites.watch_outputs(cap, outputs, n_ids)
+        elif rows is None or rows % n_ids != 0:
+            raise SampleIdError(
+                f"module {name!r} ({type(module).__name__}) was called on an input with first dimension "
+                f"{rows}, but the batch has {n_ids} sample ids: give one id per row of the batch"
+            )
         else:
             self.open.rows_seen.add(rows)
-            if not any(isinstance(t, Tensor) and t.requires_grad for t in tensor_leaves((args, kwargs))):
+            if off_graph:
                 self.open.data_rows.add(rows)  # rows no expanded output can have produced
         return output if shared else None
 
@@ -257,7 +324,15 @@ class CaptureSession:
         return tuple(args), kwargs, map_outputs(expand, output)
 
     @staticmethod
-    def _store_grad(cap: Capture, j: int, grad: Tensor) -> None:
+    def _store_grad(name: str, cap: Capture, j: int, grad: Tensor) -> None:
+        if cap.per_sample:  # gathered per sample at the broadcasting op: this is their sum
+            if not residual_ok(grad, cap.grad_outputs[j]):
+                raise SampleIdError(
+                    f"the output of module {name!r}, called without the batch dimension, was also used "
+                    "by an operation that does not broadcast it over the batch: its gradient cannot be "
+                    "split per sample. Combine it with the batch first (x = tok(idx) + pos(...))"
+                )
+            return
         prev = cap.grad_outputs[j]
         cap.grad_outputs[j] = grad.detach() if prev is None else prev + grad.detach()
 
@@ -274,10 +349,12 @@ class CaptureSession:
         check_disjoint(torch.cat([mb.ids for mb in self.pending]) if self.pending else None, ids)
         self.open = MicroBatch(ids)
         self.open_consumed = False
+        self._sites.start(self.open, ids.numel())
         return self.open
 
     def end(self) -> None:
         """Close the open micro-batch; kept for the next step if a gradient reached it."""
+        self._sites.stop()
         mb = self.open
         self.open = None
         if mb is not None and not self.open_consumed and mb.complete:

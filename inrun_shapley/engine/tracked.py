@@ -11,6 +11,7 @@ from torch import nn
 
 from inrun_shapley.capture import JVP_RULE, CaptureRule, rule_for
 from inrun_shapley.capture.norm import BATCH_STATISTICS, uses_batch_statistics
+from inrun_shapley.capture.sites import PARAMETER_SITE_RULE
 from inrun_shapley.errors import ConfigurationError, UnsupportedModuleError
 
 __all__ = ["ModuleReport", "TrackedModule", "TrackedModules", "TrackedParameters", "plan_modules", "plan_parameters",
@@ -91,7 +92,7 @@ def plan_modules(model: nn.Module, exclude: Iterable[str], strict: bool,
     for name, module in model.named_modules():
         if "" in owned or _under(name, owned):  # "" : the root's rule owns the whole model
             continue
-        rule = rule_for(module) or JVP_RULE
+        rule = rule_for(module) or _generic_rule(module)
         params = rule.parameters(module)
         if not params:
             continue
@@ -125,6 +126,17 @@ def plan_modules(model: nn.Module, exclude: Iterable[str], strict: bool,
     if not modules:
         raise UnsupportedModuleError("the model has no trainable parameters that can be tracked")
     return modules, reports
+
+
+def _generic_rule(module: nn.Module) -> CaptureRule:
+    """A module without a registered rule: its own parameters through a forward-mode replay of
+    the module, unless a child module has trainable parameters too. A replay would run those
+    children at their post-step weights (wrong in proportion to the learning rate), so such
+    raw parameters (a ViT's ``pos_embed`` and ``cls_token``, a block's layer-scale ``gamma``)
+    are read at their use sites instead (:mod:`~inrun_shapley.capture.sites`)."""
+    if any(p.requires_grad for child in module.children() for p in child.parameters()):
+        return PARAMETER_SITE_RULE
+    return JVP_RULE
 
 
 def warn_batch_statistics(names: list[str], stacklevel: int) -> None:

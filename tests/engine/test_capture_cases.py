@@ -153,14 +153,36 @@ def test_position_embedding_alone_gets_each_samples_share():
     assert float(got.std()) > 0  # not one shared number
 
 
-def test_position_embedding_without_a_batch_dimension_is_refused_with_the_fix():
-    model = TinyGPT("flat")
-    tokens = torch.randint(0, 11, (4, 7))  # T = 6 positions, 4 samples
+@pytest.mark.parametrize("b, t", [(4, 7), (4, 9), (3, 4), (1, 5)])  # T = 6, 8 (a multiple of B), 3 (= B), B = 1
+def test_position_embedding_without_a_batch_dimension_is_valued_exactly(b, t):
+    """nanoGPT's ``pos(torch.arange(T))``, ``[T, d]``: exact whatever T is to B (never read as
+    flattened rows), and the model is not changed."""
+    torch.manual_seed(2)
+    model = TinyGPT("flat").double()
+    tokens = torch.randint(0, 11, (b, t))
+    val = (torch.randint(0, 11, (2, t)),)
+    got, ref, _ = sgd_values_and_reference(model, _next_token_loss, (tokens,), val)
+    assert oracles.relative_error(got, ref) <= 1e-10, (got, ref)
+
+
+class PositionsUsedTwice(TinyGPT):
+    """The position table also enters the loss without meeting the batch: not splittable."""
+
+    def forward(self, tokens):
+        t = tokens.shape[1]
+        pos = self.pos(torch.arange(t))
+        h = self.tok(tokens) + pos
+        return self.head(h.reshape(-1, h.shape[-1]) + pos.sum())
+
+
+def test_position_output_also_used_without_the_batch_is_refused():
+    model = PositionsUsedTwice("flat")
+    tokens = torch.randint(0, 11, (4, 7))
     tracker = ShapleyTracker(model, torch.optim.SGD(model.parameters(), lr=LR), val_data=(tokens,),
                              val_loss_fn=lambda m, b: _next_token_loss(m, *b))
-    with pytest.raises(SampleIdError, match=r"first dimension 6, but the batch has 4.*arange\(T\)\[None\]"):
+    with pytest.raises(SampleIdError, match=r"module 'pos', called without the batch dimension, was also used"):
         with tracker.batch(torch.arange(4)):
-            _next_token_loss(model, tokens)
+            _next_token_loss(model, tokens).mean().backward()
 
 
 # ---------------------------------------------------------------- number of ids
@@ -293,3 +315,27 @@ def test_adam_subclass_overriding_step_after_a_plain_adam():
         model(torch.randn(4, 3)).pow(2).mean().backward()
     opt.step()
     assert tracker.step == 1 and tracker.values.shape == (4,)
+
+
+# ---------------------------------------------------------------- raw parameters beside children
+class SlicedPositions(nn.Module):
+    """A raw position table sliced before it meets the batch: no per-sample reading of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.randn(1, 8, 3))
+        self.head = nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.head(x + self.pos_embed[:, : x.shape[1]]).mean(1)
+
+
+def test_raw_parameter_used_without_broadcasting_over_the_batch_is_refused():
+    model = SlicedPositions()
+    x = torch.randn(4, 5, 3)
+    tracker = ShapleyTracker(model, torch.optim.SGD(model.parameters(), lr=LR), val_data=(x, x[:, 0, :1]),
+                             val_loss_fn=lambda m, b: _mse(m, *b))
+    assert {r.name: r.rule for r in tracker.report()}[""] == "parameter-sites"
+    with pytest.raises(UnsupportedModuleError, match=r"parameter 'pos_embed' of module '<root>'.*exclude=\[''\]"):
+        with tracker.batch(torch.arange(4)):
+            _mse(model, x, x[:, 0, :1]).mean().backward()
