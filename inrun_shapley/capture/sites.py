@@ -165,11 +165,18 @@ class BroadcastWatch(TorchFunctionMode):
             self.on_stack = True
 
     def pop(self) -> None:
-        """Stop watching and forget the watched tensors."""
+        """Stop watching and forget the watched tensors.
+
+        The mode leaves the stack only from the top: called while torch runs one of its handlers
+        (the stack is popped meanwhile, e.g. a hook ending the micro-batch inside ``backward``)
+        or under a mode pushed later, it stays, watching nothing, until the next call.
+        """
         self.watched.clear()
         if self.on_stack:
-            self.on_stack = False
-            self.__exit__(None, None, None)
+            stack = torch.overrides._get_current_function_mode_stack()
+            if stack and stack[-1] is self:
+                self.on_stack = False
+                self.__exit__(None, None, None)
 
 
 class ParameterSiteRule(CaptureRule):

@@ -231,9 +231,11 @@ class CaptureSession:
             if rows is not None:
                 self.open.data_rows.add(rows)
             self.open.inputs.update(_storage(t) for t in tensor_leaves((args, kwargs)))
+            self._sites.forward_start(self.open, self.open.ids.numel())
 
     def _end_of_model_forward(self, module, args, output) -> None:
         """Every op of the forward ran: a call without the batch that no op broadcast is refused now."""
+        self._sites.forward_end()
         if self.capturing():
             for name, cap, rows, _ in self.open.suspects:
                 self.open.check_suspect(name, cap, rows)
@@ -349,7 +351,7 @@ class CaptureSession:
         check_disjoint(torch.cat([mb.ids for mb in self.pending]) if self.pending else None, ids)
         self.open = MicroBatch(ids)
         self.open_consumed = False
-        self._sites.start(self.open, ids.numel())
+        self._sites.begin(self.open)
         return self.open
 
     def end(self) -> None:

@@ -4,9 +4,10 @@ Two kinds of tracked tensor meet the batch without carrying its sample dimension
 :mod:`~inrun_shapley.capture.sites`): outputs of tracked calls that may lack it (the session's
 "suspects": rows other than the samples, or inputs built inside the model such as
 ``torch.arange(T)``), and raw parameters of modules that also have children. :class:`UseSites`
-pushes the :class:`~inrun_shapley.capture.sites.BroadcastWatch` mode for a micro-batch only when
-the model has such tensors (it probes the first micro-batch, then stays off for models without
-them) and gathers their per-sample gradients into the micro-batch's captures.
+pushes the :class:`~inrun_shapley.capture.sites.BroadcastWatch` mode during the model's forward
+of a captured micro-batch, only when the model has such tensors (it probes the first forward,
+then stays off for models without them), and gathers their per-sample gradients into the
+micro-batch's captures.
 
 A parameter's gradient must be fully accounted for by its use sites: a hook on the parameter
 compares its whole gradient with the sum of the per-sample ones and refuses the batch when a
@@ -45,16 +46,36 @@ class UseSites:
         self._handles: list = []
         self._totals: dict = {}
 
-    def start(self, mb, n: int) -> None:
-        """A micro-batch ``mb`` of ``n`` samples opens: watch it if the model needs it."""
+    def begin(self, mb) -> None:
+        """A micro-batch opens: one capture per module collects its raw parameters' per-sample
+        gradients, and a hook on each parameter checks that every use of it was seen (also
+        when the model's own forward is bypassed and nothing watched the parameters)."""
+        for name, tracked in self.modules.items():
+            cap = Capture(args=(), kwargs={}, grad_outputs=[None] * len(tracked.params))
+            mb.captures[name] = [cap]
+            for j, (pname, p) in enumerate(tracked.params.items()):
+                if p.requires_grad:
+                    self._handles.append(p.register_hook(partial(self._check, name, pname, cap, j)))
+
+    def forward_start(self, mb, n: int) -> None:
+        """The model's forward starts on micro-batch ``mb`` of ``n`` samples: watch it if the
+        model needs it (the first forward is a probe)."""
         if self._needed is not False:
             self._watch.push(n)
-            self._watch_parameters(mb)
+            for name, tracked in self.modules.items():
+                cap = mb.captures[name][0]
+                for j, p in enumerate(tracked.params.values()):
+                    if p.requires_grad:
+                        self._watch.watched[id(p)] = Watched(p, _nothing, partial(_add, cap, j))
+
+    def forward_end(self) -> None:
+        """The model's forward returned: every broadcast over the batch has happened."""
+        if self._needed is None:  # probed one forward: nothing to watch in this model
+            self._needed = False
+        self._watch.pop()
 
     def stop(self) -> None:
         """The micro-batch closed: stop watching, drop the parameter hooks."""
-        if self._needed is None:  # probed one micro-batch: nothing to watch in this model
-            self._needed = False
         self._watch.pop()
         for h in self._handles:
             h.remove()
@@ -69,17 +90,6 @@ class UseSites:
         for j, out in enumerate(outputs):
             if out.requires_grad and out.is_floating_point():
                 self._watch.watched[id(out)] = Watched(out, partial(_lacks_batch, cap, n), partial(_add, cap, j))
-
-    def _watch_parameters(self, mb) -> None:
-        """One capture per module collects its raw parameters' per-sample gradients; a hook on
-        each parameter checks that every use of it was seen."""
-        for name, tracked in self.modules.items():
-            cap = Capture(args=(), kwargs={}, grad_outputs=[None] * len(tracked.params))
-            mb.captures[name] = [cap]
-            for j, (pname, p) in enumerate(tracked.params.items()):
-                if p.requires_grad:
-                    self._watch.watched[id(p)] = Watched(p, _nothing, partial(_add, cap, j))
-                    self._handles.append(p.register_hook(partial(self._check, name, pname, cap, j)))
 
     def _check(self, name: str, pname: str, cap: Capture, j: int, grad: Tensor) -> None:
         if self._suspended():
