@@ -133,8 +133,10 @@ def check_sharded(modules: Mapping, *, per_query: bool, order: int) -> None:
     Raises:
         ConfigurationError: per-query values or second order (their validation passes are not
             sharded yet).
-        UnsupportedModuleError: a tracked module takes the forward-mode (JVP) rule, which
-            replays the module (under FSDP a replay all-gathers inside one rank's loop).
+        UnsupportedModuleError: a module scored by the forward-mode (JVP) rule is itself an FSDP
+            unit (``fully_shard`` applied to it or inside it): the rule replays the module, and
+            an FSDP unit's forward all-gathers, inside one rank's scoring loop. A JVP module
+            inside a larger FSDP unit is replayed on its gathered parameters and is fine.
     """
     if per_query:
         raise ConfigurationError("per_query values are not available under FSDP (fully_shard): use "
@@ -142,12 +144,13 @@ def check_sharded(modules: Mapping, *, per_query: bool, order: int) -> None:
     if order != 1:
         raise ConfigurationError("order=2 is not available under FSDP (fully_shard): use order=1 (the default "
                                  "midpoint estimator needs no Hessian-vector product)")
-    replayed = [name or "<root>" for name, t in modules.items() if t.rule.reads_parameters]
+    replayed = [name or "<root>" for name, t in modules.items()
+                if t.rule.reads_parameters and any(hasattr(m, "_get_fsdp_state") for m in t.module.modules())]
     if replayed:
         raise UnsupportedModuleError(
-            f"under FSDP (fully_shard) these modules cannot be scored (their rule replays the module): "
-            f"{', '.join(replayed)}; pass exclude=[...] for them, or build them from Linear/Embedding/"
-            "LayerNorm layers"
+            f"under FSDP (fully_shard) these modules cannot be scored: their capture rule replays the module, "
+            f"and fully_shard was applied to it or inside it: {', '.join(replayed)}. Apply fully_shard to the "
+            "module that contains them instead, or pass exclude=[...] for them"
         )
 
 
@@ -345,3 +348,48 @@ def unsharded_lookup(model: nn.Module):
         return None if fp is None else getattr(fp, "_unsharded_param", None)
 
     return lookup
+
+
+# ------------------------------------------------ what is refused, and what to use instead
+USE_FSDP2 = ("use FSDP2 instead: torch.distributed.fsdp.fully_shard; Lightning "
+             "Trainer(strategy=ModelParallelStrategy(...)) with fully_shard in configure_model; Accelerate "
+             "FullyShardedDataParallelPlugin(fsdp_version=2); the Hugging Face Trainer's "
+             "fsdp_config={'fsdp_version': 2} (README, 'Sharded training')")
+
+
+def _wrapper_chain(optimizer) -> list:
+    """The optimizer and every object it wraps through ``.optimizer`` (framework wrappers, ZeRO)."""
+    chain = [optimizer]
+    for _ in range(8):
+        inner = getattr(chain[-1], "optimizer", None)
+        if inner is None or any(inner is o for o in chain):
+            break
+        chain.append(inner)
+    return chain
+
+
+def refuse_unsupported(model: nn.Module, optimizer) -> None:
+    """Refuse, at construction, sharding schemes whose parameters the tracker cannot read.
+
+    Raises:
+        ConfigurationError: a DeepSpeed engine or ZeRO optimizer (parameters and optimizer
+            state are flattened and partitioned outside torch's view), or FSDP1
+            (``FullyShardedDataParallel``: parameters flattened into one ``FlatParameter`` per
+            unit); each message names what to use instead.
+    """
+    owners = [type(o) for o in _wrapper_chain(optimizer)] + [type(m) for m in model.modules()]
+    if any(t.__module__.split(".")[0] == "deepspeed" for t in owners):
+        raise ConfigurationError(
+            "DeepSpeed (ZeRO) is not supported: it flattens and partitions the parameters, gradients and "
+            "optimizer state outside torch's optimizer, so per-sample values cannot be read from them; "
+            "ZeRO-3 corresponds to FSDP2's fully_shard, ZeRO-1/2 to fully_shard(reshard_after_forward=False): "
+            + USE_FSDP2 + ", or plain DDP"
+        )
+    params = [p for o in _wrapper_chain(optimizer) for g in getattr(o, "param_groups", ()) for p in g["params"]]
+    flat = any(getattr(p, "_fsdp_flattened", False) or type(p).__name__ == "FlatParameter" for p in params)
+    if flat or any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+        raise ConfigurationError(
+            "FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel, Lightning strategy='fsdp', Accelerate "
+            "fsdp_version=1) is not supported: it flattens each unit's parameters into one FlatParameter, so "
+            "the layers' own parameters and optimizer state are not visible; " + USE_FSDP2
+        )

@@ -175,6 +175,7 @@ class ShapleyTracker:
             )
         _check_options(estimator, order, per_query, query_path, None, group_values)
         self.model = model
+        sharding.refuse_unsupported(model, optimizer)  # DeepSpeed ZeRO, FSDP1: say what to use instead
         self.optimizer = innermost_optimizer(optimizer)
         self.adapter = adapter_for(self.optimizer)
         self.validation = validation

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from inrun_shapley.log import ShapleyLog
+from tests.callbacks.integration_setup import close, plain_values
 from tests.distributed.fsdp_setup import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,3 +48,23 @@ def test_fsdp2_two_processes_equal_one_process(tmp_path):
         scale = np.abs(ref.values).max()
         assert np.abs(values - ref.values[: len(values)]).max() <= 1e-4 * scale, kind
         assert scale > 0 and np.count_nonzero(values) == len(values), kind
+
+
+def run_script(script: str, tmp_path: Path) -> dict:
+    """``tests/distributed/<script>`` under torchrun with 2 processes; its $RESULT_PATH json."""
+    prefix = torchrun(script, [], tmp_path)
+    return json.loads(prefix.read_text())
+
+
+def test_lightning_fsdp2_strategy_equals_one_process(tmp_path):
+    result = run_script("lightning_fsdp.py", tmp_path)
+    ref, counts = plain_values(batch_size=8)
+    assert close(result["values"], ref) and np.array_equal(result["counts"], counts)
+    assert close(ShapleyLog.load(tmp_path / "log").values, ref)
+
+
+def test_accelerate_fsdp2_plugin_equals_one_process(tmp_path):
+    result = run_script("accelerate_fsdp.py", tmp_path)
+    ref, counts = plain_values(batch_size=8)
+    assert close(result["values"], ref) and np.array_equal(result["counts"], counts)
+    assert close(ShapleyLog.load(tmp_path / "log").values, ref)

@@ -1,0 +1,49 @@
+"""2-process Accelerate run with its FSDP2 plugin (torchrun, gloo on CPU); rank 0 writes the
+merged values to $RESULT_PATH.
+
+Accelerate turns FSDP on only for accelerator devices: for CPU processes it silently uses DDP
+(``DistributedType.MULTI_CPU``). Without a GPU this script sets the state's distributed type to
+FSDP after construction, as a GPU launch would, so that ``prepare`` runs Accelerate's own FSDP2
+path (``fully_shard`` on the model, DTensor parameters and optimizer state).
+"""
+
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler
+
+if __name__ == "__main__":
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    from inrun_shapley import IndexedDataset
+    from inrun_shapley.callbacks import ShapleyHook
+    from tests.callbacks.integration_setup import data, make_model, make_optimizer
+
+    train, val = data()
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    if torch.cuda.is_available():
+        accelerator = Accelerator(fsdp_plugin=plugin)
+    else:
+        accelerator = Accelerator(cpu=True)
+        accelerator.state.distributed_type, accelerator.state.fsdp_plugin = DistributedType.FSDP, plugin
+    model = make_model()
+    opt = make_optimizer(model.parameters())
+    sampler = DistributedSampler(IndexedDataset(train), num_replicas=2, rank=accelerator.process_index, shuffle=False)
+    loader = DataLoader(IndexedDataset(train), batch_size=4, sampler=sampler)
+    model, opt = accelerator.prepare(model, opt)
+    assert type(next(model.parameters())).__name__ == "DTensor", "Accelerate did not shard the model"
+    hook = ShapleyHook(accelerator, model, opt, val_data=val, log_dir="log")
+    for _ in range(2):
+        for batch in loader:
+            with hook.batch(batch):
+                x, y = batch
+                accelerator.backward(F.cross_entropy(model(x.to(accelerator.device)), y.to(accelerator.device)))
+            opt.step()
+            opt.zero_grad()
+    hook.close()
+    if accelerator.is_main_process:
+        with open(os.environ["RESULT_PATH"], "w") as f:
+            json.dump({"values": hook.values.tolist(), "counts": hook.counts.tolist()}, f)
