@@ -26,6 +26,8 @@ low-quality documents among those each method drops. A plot of test loss vs step
 
 Run:  python -m benchmarks.curation                  # full (3 seeds)
       python -m benchmarks.curation --quick          # smoke test (seconds)
+      python -m benchmarks.curation --seeds 0 1 --out a & python -m benchmarks.curation --seeds 2 --out b
+      python -m benchmarks.curation --merge a/results.json b/results.json --out ab   # the same, in two processes
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ import math
 import sys
 import tempfile
 import time
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -46,14 +47,13 @@ import torch.nn.functional as F
 
 from benchmarks.common import cli
 from benchmarks.common.models import TinyTransformerLM
-from benchmarks.common.webtext import make_corpus, to_sequences
+from benchmarks.common.webtext import gzip_score, heuristic_score, make_corpus, to_sequences
 from inrun_shapley import ShapleyTracker
 from inrun_shapley.documents import document_values, negative_share
 from inrun_shapley.log import ShapleyLog, ShapleyLogWriter
 from inrun_shapley.pruning import prune
 
 METHODS = ("in-run", "loss", "gzip", "heuristic", "random")
-STOPWORDS = frozenset("the of and to a in is it that for as with be by this on are or an not if from at".split())
 
 
 @dataclass
@@ -179,26 +179,6 @@ def doc_losses(model, data: Data) -> np.ndarray:
         np.add.at(tot, data.doc_of[i:i + 256], (tok * mask).sum(1).numpy())
         np.add.at(cnt, data.doc_of[i:i + 256], mask.sum(1).numpy())
     return tot / np.maximum(cnt, 1)
-
-
-def gzip_score(docs: list) -> np.ndarray:
-    """``-|log r - median log r|``, ``r`` = compressed / raw bytes: far from typical text = low."""
-    raw = [d.encode("utf-8") for d in docs]
-    logr = np.log([len(zlib.compress(b, 9)) / max(len(b), 1) for b in raw])
-    return -np.abs(logr - np.median(logr))
-
-
-def heuristic_score(docs: list) -> np.ndarray:
-    """Classifier-free quality rules in the style of Gopher / C4 (higher = cleaner)."""
-    out = []
-    for d in docs:
-        words = d.split()
-        letters = sum(c.isascii() and (c.isalpha() or c.isspace()) for c in d) / max(len(d), 1)
-        stop = sum(w.lower().strip(".,;:()\"'") in STOPWORDS for w in words) / max(len(words), 1)
-        mean_len = np.mean([len(w) for w in words]) if words else 0.0
-        penalty = (0.0 if 3 <= mean_len <= 10 else 1.0) + (0.0 if len(words) >= 50 else 0.5)
-        out.append(letters + stop - penalty)
-    return np.array(out)
 
 
 def keep_after_drop(score: np.ndarray, n_drop: int) -> np.ndarray:
@@ -339,6 +319,22 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def merge(paths) -> dict:
+    """The ``results.json`` of runs that differ only in their seeds, as one (seeds united)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    out = parts[0]
+    for other in parts[1:]:
+        same = {k: v for k, v in other["config"].items() if k != "seeds"} == {
+            k: v for k, v in out["config"].items() if k != "seeds"}
+        if not same or other["doc_values"] != out["doc_values"]:
+            raise SystemExit("--merge: the runs differ in more than their seeds (config or tracked values)")
+        for key, per_seed in other["runs"].items():
+            out["runs"].setdefault(key, {}).update(per_seed)
+        out["config"]["seeds"] = sorted(set(out["config"]["seeds"]) | set(other["config"]["seeds"]))
+        out["wall_s"] = max(out["wall_s"], other["wall_s"])
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=Config.steps)
@@ -349,6 +345,8 @@ def main(argv=None) -> int:
     cli.add_threads(ap)
     cli.add_quick(ap)
     cli.add_out(ap, "folder for results.json and curation.png (default: a temporary folder)")
+    ap.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
+                    help="no training: unite the results.json of runs that differ only in --seeds, and report")
     args = ap.parse_args(argv)
     cli.set_threads(args.threads)
     cfg = Config(steps=args.steps, n_docs=args.n_docs, low_fraction=args.low_fraction,
@@ -359,12 +357,16 @@ def main(argv=None) -> int:
     print("command: " + cli.command_line("curation", argv), flush=True)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="curation_"))
     out.mkdir(parents=True, exist_ok=True)
+
     def save(results: dict) -> None:
         (out / "results.json").write_text(json.dumps(results, indent=1))
         plot(results, out / "curation.png")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        results = run(cfg, Path(tmp), log=lambda s: print(s, flush=True), on_seed=save)
+    if args.merge:
+        results = merge(args.merge)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            results = run(cfg, Path(tmp), log=lambda s: print(s, flush=True), on_seed=save)
     save(results)
     print(f"\nnegative-value share (auto fraction): {results['auto_fraction']:.1%} of documents")
     print("mean document value by kind: " + ", ".join(f"{k} {v:+.2f}" for k, v in results["kind_values"].items()))

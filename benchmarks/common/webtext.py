@@ -209,4 +209,29 @@ def to_sequences(docs: list[str], length: int) -> tuple[torch.Tensor, np.ndarray
     return torch.tensor(rows, dtype=torch.int64), np.array(doc_of, dtype=np.int64)
 
 
-__all__ = ["LOW_KINDS", "WebCorpus", "make_corpus", "to_sequences"]
+# -- the filters practitioners use without a model (baselines of benchmarks/curation.py) --------
+
+STOPWORDS = frozenset("the of and to a in is it that for as with be by this on are or an not if from at".split())
+
+
+def gzip_score(docs: list) -> np.ndarray:
+    """``-|log r - median log r|``, ``r`` = compressed / raw bytes: far from typical text = low."""
+    raw = [d.encode("utf-8") for d in docs]
+    logr = np.log([len(zlib.compress(b, 9)) / max(len(b), 1) for b in raw])
+    return -np.abs(logr - np.median(logr))
+
+
+def heuristic_score(docs: list) -> np.ndarray:
+    """Classifier-free quality rules in the style of Gopher / C4 (higher = cleaner)."""
+    out = []
+    for d in docs:
+        words = d.split()
+        letters = sum(c.isascii() and (c.isalpha() or c.isspace()) for c in d) / max(len(d), 1)
+        stop = sum(w.lower().strip(".,;:()\"'") in STOPWORDS for w in words) / max(len(words), 1)
+        mean_len = np.mean([len(w) for w in words]) if words else 0.0
+        penalty = (0.0 if 3 <= mean_len <= 10 else 1.0) + (0.0 if len(words) >= 50 else 0.5)
+        out.append(letters + stop - penalty)
+    return np.array(out)
+
+
+__all__ = ["LOW_KINDS", "STOPWORDS", "WebCorpus", "gzip_score", "heuristic_score", "make_corpus", "to_sequences"]

@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from benchmarks import curation as cur
-from benchmarks.common.webtext import LOW_KINDS, make_corpus, to_sequences
+from benchmarks.common.webtext import LOW_KINDS, gzip_score, heuristic_score, make_corpus, to_sequences
 
 
 def test_corpus_mixes_the_low_quality_kinds():
@@ -33,9 +33,9 @@ def test_baseline_scores_rank_junk_below_prose():
     boiler = "Home | About | Contact | Privacy policy\n" * 40
     blob = "QmFzZTY0IGJsb2Igb2YgcmFuZG9tIGJ5dGVzIQ==" * 10
     docs = [prose, prose.replace("statement", "stmt"), boiler, blob, prose + " extra words here"]
-    gz = cur.gzip_score(docs)
+    gz = gzip_score(docs)
     assert gz[2] < gz[0] and gz[3] < gz[0]  # too repetitive, and far from text's ratio
-    h = cur.heuristic_score(docs)
+    h = heuristic_score(docs)
     assert h[3] < h[0] and h[2] < h[0]
 
 
@@ -54,3 +54,10 @@ def test_quick_run(tmp_path, capsys):
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["runs"]) >= {"all@0.000", f"in-run@{results['auto_fraction']:.3f}"}
     assert (tmp_path / "curation.png").read_bytes()[:4] == b"\x89PNG"
+    other = json.loads((tmp_path / "results.json").read_text())  # a second seed's run, as a part
+    other["config"]["seeds"] = [7]
+    other["runs"] = {k: {"7": v["0"]} for k, v in other["runs"].items()}
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    assert cur.main(["--merge", str(tmp_path / "results.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert merged["config"]["seeds"] == [0, 7] and set(merged["runs"]["all@0.000"]) == {"0", "7"}
