@@ -174,6 +174,18 @@ def exact_shapley(utility: Callable[[tuple[int, ...]], float], n: int) -> torch.
     return phi
 
 
+def exact_shapley_per_id(utility: Callable[[tuple[int, ...]], float], ids) -> dict[int, float]:
+    """Exact Shapley values of a step drawn with replacement: every row (occurrence) is a player
+    of the game (``utility`` takes a subset of row positions), and an id's value is the sum of
+    its occurrences' values."""
+    ids = [int(i) for i in ids]
+    phi = exact_shapley(utility, len(ids))
+    out: dict[int, float] = {}
+    for i, v in zip(ids, phi.tolist()):
+        out[i] = out.get(i, 0.0) + v
+    return out
+
+
 def relative_error(got, ref) -> float:
     got = torch.as_tensor(got, dtype=torch.float64)
     ref = torch.as_tensor(ref, dtype=torch.float64)

@@ -53,7 +53,7 @@ from inrun_shapley.capture import Capture
 from inrun_shapley.capture.norm import BATCH_STATISTICS, uses_batch_statistics
 from inrun_shapley.capture.outputs import map_outputs, tensor_leaves
 from inrun_shapley.capture.sites import residual_ok
-from inrun_shapley.engine.ids import as_sample_ids, check_disjoint
+from inrun_shapley.engine.ids import as_sample_ids
 from inrun_shapley.engine.tracked import TrackedModule, warn_batch_statistics
 from inrun_shapley.engine.use_sites import UseSites
 from inrun_shapley.errors import SampleIdError, UnsupportedModuleError
@@ -343,12 +343,12 @@ class CaptureSession:
         """Open a micro-batch with sample ids ``ids`` (checked; closes one still open).
 
         Raises:
-            SampleIdError: bad ids, or ids already in an earlier micro-batch of this step.
+            SampleIdError: bad ids (an id may repeat, within the micro-batch or across the
+                step's micro-batches: each occurrence is valued on its own row).
         """
         ids = as_sample_ids(ids)
         if self.open is not None:
             self.end()
-        check_disjoint(torch.cat([mb.ids for mb in self.pending]) if self.pending else None, ids)
         self.open = MicroBatch(ids)
         self.open_consumed = False
         self._sites.begin(self.open)

@@ -12,7 +12,7 @@ from torch import Tensor
 from inrun_shapley.errors import SampleIdError
 from inrun_shapley.log.accumulator import refuse_ids_above_int64
 
-__all__ = ["as_sample_ids", "check_disjoint"]
+__all__ = ["as_sample_ids", "sum_occurrences"]
 
 _CHECKED: "weakref.WeakValueDictionary[int, Tensor]" = weakref.WeakValueDictionary()
 
@@ -24,8 +24,9 @@ def as_sample_ids(ids: Any) -> Tensor:
         ids: one integer id per row of the batch: a tensor (any device), array or list.
 
     Raises:
-        SampleIdError: ids missing, empty, not 1-D, not integers, negative, 2**63 or more, or
-            repeated; the message says what to pass instead.
+        SampleIdError: ids missing, empty, not 1-D, not integers, negative, or 2**63 or more
+            (repeats are allowed: each occurrence is a player, see :func:`sum_occurrences`); the
+            message says what to pass instead.
     """
     if ids is None:
         raise SampleIdError(
@@ -49,31 +50,36 @@ def as_sample_ids(ids: Any) -> Tensor:
     a = a.astype(np.int64, copy=True)
     if (a < 0).any():
         raise SampleIdError(f"sample ids must be non-negative, got {a[a < 0][:5].tolist()}")
-    if np.unique(a).size != a.size:
-        uniq, counts = np.unique(a, return_counts=True)
-        dup = uniq[counts > 1][:5].tolist()
-        raise SampleIdError(f"duplicate sample ids in one batch: {dup}; each row needs its own id")
     t = torch.from_numpy(a)
     _CHECKED[id(t)] = t
     return t
 
 
-def check_disjoint(seen: Tensor | None, ids: Tensor) -> None:
-    """Raise if a micro-batch repeats ids already seen in the same optimizer step.
+def sum_occurrences(ids: np.ndarray, values: np.ndarray, groups: np.ndarray | None):
+    """One row per id: a step's values summed over each id's occurrences.
+
+    With sampling with replacement (``torch.randint`` batches, ``WeightedRandomSampler(
+    replacement=True)``) one sample may fill several rows of a step, in one micro-batch or
+    across several. Each occurrence is a player of the step's game and is valued on its own
+    row; the id's value for the step is the sum over its occurrences (docs/math.md §1).
 
     Args:
-        seen: ids of the step's earlier micro-batches (``[k]`` int64) or None.
-        ids: the new micro-batch's checked ids.
+        ids: ``[r]`` int64, one per scored row (repeats allowed).
+        values: ``[r]`` or ``[r, Q]`` float64 aligned to ``ids``.
+        groups: ``[r, G]`` or None.
 
-    Raises:
-        SampleIdError: some id appears in both.
+    Returns:
+        ``(ids [n] sorted unique, values [n]/[n, Q], groups [n, G] | None, counts)``, with
+        ``counts`` ``[n]`` int64 occurrences per id, or ``None`` (and the inputs unchanged)
+        when no id repeats.
     """
-    if seen is None:
-        return
-    both = torch.cat([seen, ids])
-    if both.unique().numel() != both.numel():
-        dup = sorted(set(seen.tolist()) & set(ids.tolist()))[:5]
-        raise SampleIdError(
-            f"sample ids {dup} appear twice in one optimizer step (across micro-batches); "
-            "each sample may appear once per step"
-        )
+    uniq, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    if uniq.shape[0] == ids.shape[0]:
+        return ids, values, groups, None
+    summed = np.zeros((uniq.shape[0], *values.shape[1:]), dtype=values.dtype)
+    np.add.at(summed, inverse, values)
+    if groups is not None:
+        g = np.zeros((uniq.shape[0], *groups.shape[1:]), dtype=groups.dtype)
+        np.add.at(g, inverse, groups)
+        groups = g
+    return uniq, summed, groups, counts.astype(np.int64)

@@ -48,9 +48,10 @@ class InMemoryValues:
         self._acc = IdAccumulator(id_fields(value_shape[0] if value_shape else None, n_groups, standardized=False))
 
     def add_step(self, step: int, ids: np.ndarray, values: np.ndarray, group_values: np.ndarray | None = None,
-                 group_names: list[str] | None = None) -> None:
+                 group_names: list[str] | None = None, counts: np.ndarray | None = None) -> None:
         """Add one optimizer step: ``ids [n]`` non-negative int64, ``values [n]`` (or ``[n, Q]``
-        per query), ``group_values [n, G]``."""
+        per query), ``group_values [n, G]``; ``counts [n]``: occurrences of each id in the step
+        (default 1 each)."""
         ids = np.asarray(ids, dtype=np.int64)
         values = np.asarray(values, dtype=np.float64)
         if self._acc is None:
@@ -58,7 +59,7 @@ class InMemoryValues:
             if group_values is not None:
                 self.group_names = list(group_names or [f"group{j}" for j in range(n_groups)])
             self._start(values.shape[1:], n_groups)
-        columns = {"value_sum": values, "count": 1}
+        columns = {"value_sum": values, "count": 1 if counts is None else np.asarray(counts, np.int64)}
         if group_values is not None and "group_sum" in self._acc.fields:
             columns["group_sum"] = np.asarray(group_values, dtype=np.float64)
         self._acc.add(ids, columns)
@@ -96,7 +97,7 @@ class InMemoryValues:
 
     @property
     def counts(self) -> np.ndarray:
-        """``[max_id + 1]`` number of steps each id took part in."""
+        """``[max_id + 1]`` occurrences of each id (steps it took part in, each repeat counted)."""
         return self._dense("count")
 
     @property

@@ -28,7 +28,7 @@ from torch import nn
 
 from inrun_shapley.engine.capture_session import CaptureSession
 from inrun_shapley.engine.directions import Estimator
-from inrun_shapley.engine.ids import as_sample_ids
+from inrun_shapley.engine.ids import as_sample_ids, sum_occurrences
 from inrun_shapley.engine.queries import QUERY_PATHS
 from inrun_shapley.engine import sharding
 from inrun_shapley.engine.scoring import grad_sq_norm, grads_zeroed, world_size
@@ -360,13 +360,18 @@ class ShapleyTracker:
             self._session.finish_step()
             return
         self.step += 1
-        groups = host.groups
-        self.store.add_step(self.step, host.ids, host.values, groups, list(self._modules) if groups is not None else None)
+        # sampling with replacement: one row per occurrence, summed per id (occurrences in ``counts``)
+        ids, values, groups, occurrences = sum_occurrences(host.ids, host.values, host.groups)
+        self.store.add_step(self.step, ids, values, groups, list(self._modules) if groups is not None else None,
+                            counts=occurrences)
         if self.sink is not None:
-            self.sink.add_step(self.step, host.ids, host.values, group_values=groups)
+            if occurrences is None:
+                self.sink.add_step(self.step, ids, values, group_values=groups)
+            else:  # only then: a sink without ``counts`` keeps working on unique ids
+                self.sink.add_step(self.step, ids, values, group_values=groups, counts=occurrences)
         for listener in self._listeners:
             if hasattr(listener, "after_step"):
-                listener.after_step(self, self.step, host.ids)
+                listener.after_step(self, self.step, host.ids)  # the rows' ids, repeats kept
         self._session.finish_step()
 
     # -------------------------------------------------------------- results
@@ -377,7 +382,9 @@ class ShapleyTracker:
 
     @property
     def counts(self) -> np.ndarray:
-        """``[max_id + 1]`` number of steps each id took part in."""
+        """``[max_id + 1]`` number of times each id was trained on: steps it took part in,
+        counting each occurrence when a batch drew it more than once (sampling with
+        replacement)."""
         return self.store.counts
 
     @property

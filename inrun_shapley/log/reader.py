@@ -191,7 +191,8 @@ class ShapleyLog:
 
     @property
     def counts(self) -> np.ndarray:
-        """``[max_id + 1]`` int64 number of steps each id appeared in."""
+        """``[max_id + 1]`` int64 occurrences of each id (steps it appeared in, each repeat of a
+        sampling with replacement counted)."""
         return self._dense_field("count")
 
     @property

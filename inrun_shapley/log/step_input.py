@@ -97,4 +97,21 @@ class StepChecker:
         return ids_arr, vals, gvals, q
 
 
-__all__ = ["StepChecker", "as_numpy", "check_writer_args"]
+
+
+def check_counts(counts: Any, n: int, step: int) -> np.ndarray:
+    """``counts`` as ``[n]`` int64 occurrences (each at least 1).
+
+    Raises:
+        SampleIdError: wrong shape, not integers, or below 1.
+    """
+    arr = as_numpy(counts)
+    if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer) or (n and int(arr.min()) < 1):
+        raise SampleIdError(
+            f"step {step}: counts must be [n] = [{n}] integers of at least 1 (occurrences of each id), "
+            f"got shape {arr.shape} dtype {arr.dtype}"
+        )
+    return arr.astype(np.int64)
+
+
+__all__ = ["StepChecker", "as_numpy", "check_counts", "check_writer_args"]

@@ -17,7 +17,7 @@ from inrun_shapley.log.format import FORMAT_NAME, FORMAT_VERSION, META_FILE, lib
 from inrun_shapley.log.lock import WriterLock
 from inrun_shapley.log.header import INRUN_POSITIVE_MEANS, INRUN_SHAPLEY, score_description
 from inrun_shapley.log.moments import is_degenerate, step_moments, step_scale
-from inrun_shapley.log.step_input import StepChecker, as_numpy, check_writer_args
+from inrun_shapley.log.step_input import StepChecker, as_numpy, check_counts, check_writer_args
 
 
 class ShapleyLogWriter:
@@ -209,7 +209,8 @@ class ShapleyLogWriter:
 
     # -- adding -----------------------------------------------------------------------------
 
-    def add_step(self, step: int, ids: Any, values: Any, group_values: Any = None, *, step_std: Any = None) -> bool:
+    def add_step(self, step: int, ids: Any, values: Any, group_values: Any = None, *, step_std: Any = None,
+                 counts: Any = None) -> bool:
         """Add one optimizer step's values.
 
         Args:
@@ -224,6 +225,9 @@ class ShapleyLogWriter:
             step_std: optional standard deviation of the whole step's values (``[]`` or ``[Q]``)
                 to standardize with instead of this call's own, e.g. all-reduced across DDP
                 ranks; non-positive entries fall back to 1.
+            counts: optional ``[n]`` positive integers: how many times each id occurred in the
+                step (sampling with replacement; ``values`` then hold each id's sum over its
+                occurrences); default 1 each. Added to the per-id ``count``.
 
         Returns:
             True when added; False when ``step`` was already committed before a resume
@@ -260,7 +264,8 @@ class ShapleyLogWriter:
         h["std_source"] = source if h["std_source"] in (None, source) else "mixed"
         h["degenerate_steps"] += int(is_degenerate(cnt, m2))
         self._warn_gap(step)
-        columns = {"value_sum": vals, "count": 1, "std_sum": vals / scale}
+        columns = {"value_sum": vals, "count": 1 if counts is None else check_counts(counts, ids_arr.shape[0], step),
+                   "std_sum": vals / scale}
         if gvals is not None:
             columns["group_sum"] = gvals
         self._totals.add(ids_arr, columns)

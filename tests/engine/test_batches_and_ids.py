@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections import namedtuple
 
 import pytest
+import numpy as np
 import torch
 
 from inrun_shapley.batches import detach, leading_dim, move_to, rows_of, slice_rows, take_rows
-from inrun_shapley.engine.ids import as_sample_ids, check_disjoint
+from inrun_shapley.engine.ids import as_sample_ids, sum_occurrences
 from inrun_shapley.errors import ConfigurationError, SampleIdError
 
 Pair = namedtuple("Pair", "x y")
@@ -53,7 +54,6 @@ def test_rows_of_without_tensors_raises():
         ([0.5, 1.5], "must be integers"),
         ([True, False], "must be integers"),
         ([-1, 2], "non-negative"),
-        ([5, 3, 3], r"duplicate sample ids in one batch: \[3\]"),
     ],
 )
 def test_bad_sample_ids(ids, message):
@@ -67,8 +67,11 @@ def test_good_sample_ids_become_int64_cpu():
         assert t.dtype == torch.int64 and t.tolist() == [3, 1]
 
 
-def test_ids_repeated_across_micro_batches():
-    check_disjoint(None, torch.tensor([1]))
-    check_disjoint(torch.tensor([0, 1]), torch.tensor([2]))
-    with pytest.raises(SampleIdError, match=r"\[1\] appear twice in one optimizer step"):
-        check_disjoint(torch.tensor([0, 1]), torch.tensor([1, 2]))
+def test_repeated_ids_are_kept_and_summed_per_id():
+    assert as_sample_ids([5, 3, 3]).tolist() == [5, 3, 3]  # sampling with replacement
+    ids, vals, groups, counts = sum_occurrences(np.array([5, 3, 3]), np.array([1.0, 2.0, 4.0]),
+                                                np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 4.0]]))
+    assert ids.tolist() == [3, 5] and vals.tolist() == [6.0, 1.0] and counts.tolist() == [2, 1]
+    assert groups.tolist() == [[2.0, 4.0], [1.0, 0.0]]
+    same = sum_occurrences(np.array([2, 1]), np.array([0.5, 0.25]), None)
+    assert same[0].tolist() == [2, 1] and same[3] is None
