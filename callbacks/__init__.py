@@ -1,12 +1,13 @@
 """Framework adapters: Lightning ``ShapleyCallback``, Accelerate ``ShapleyHook`` and Hugging Face
-``ShapleyTrainerCallback``.
+``ShapleyTrainerCallback``, and ``causal_lm_loss`` (the Hugging Face adapter's default validation
+loss, next-token cross-entropy).
 
 Each is imported on first use, so using one framework never imports the other.
 """
 
 from __future__ import annotations
 
-__all__ = ["ShapleyCallback", "ShapleyHook", "ShapleyTrainerCallback"]
+__all__ = ["ShapleyCallback", "ShapleyHook", "ShapleyTrainerCallback", "causal_lm_loss"]
 
 
 def __getattr__(name: str):
@@ -22,4 +23,8 @@ def __getattr__(name: str):
         from inrun_shapley.callbacks.huggingface import ShapleyTrainerCallback
 
         return ShapleyTrainerCallback
+    if name == "causal_lm_loss":
+        from inrun_shapley.callbacks.huggingface import causal_lm_loss
+
+        return causal_lm_loss
     raise AttributeError(f"module 'inrun_shapley.callbacks' has no attribute {name!r}")

@@ -58,6 +58,7 @@ _LAZY = {
     "ShapleyCallback": "inrun_shapley.callbacks.lightning",
     "ShapleyHook": "inrun_shapley.callbacks.accelerate",
     "ShapleyTrainerCallback": "inrun_shapley.callbacks.huggingface",
+    "causal_lm_loss": "inrun_shapley.callbacks.huggingface",
 }
 
 if TYPE_CHECKING:  # pragma: no cover

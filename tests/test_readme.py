@@ -55,20 +55,37 @@ val_batch = {"input_ids": tokens[32:], "labels": tokens[32:]}
 
 
 def test_readme_has_its_examples():
-    assert {"plain", "lightning", "accelerate"} <= set(BLOCKS)
+    assert {"plain", "lightning", "accelerate", "adjoint"} <= set(BLOCKS)
+    # every python block of the README is marked, so every one runs below
+    assert len(re.findall(r"```python\n", README.read_text())) == len(BLOCKS)
 
 
-@pytest.mark.parametrize("name", sorted(BLOCKS))
-def test_readme_example_runs(name, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def _run(name: str) -> None:
     namespace: dict = {"__name__": "__readme__"}
     if name == "huggingface":
         pytest.importorskip("transformers")
         exec(HUGGINGFACE_PREAMBLE, namespace)
+    elif name == "adjoint":  # its snippet continues the plain one (same model, tracker, data)
+        exec(compile(BLOCKS["plain"], "README:plain", "exec"), namespace)
     elif name != "plain":
         exec(PREAMBLE, namespace)
     if name == "accelerate":  # its snippet follows the Lightning one in the README
         exec("from torch.utils.data import DataLoader\nfrom inrun_shapley import IndexedDataset", namespace)
     exec(compile(BLOCKS[name], f"README:{name}", "exec"), namespace)
-    if name in ("lightning", "huggingface"):
+    tracker = namespace.get("tracker")
+    if tracker is not None:
+        tracker.close()
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_readme_example_runs_twice(name, tmp_path, monkeypatch):
+    """As written, twice in a row in the same folder (a rerun of the user's script)."""
+    if name == "curation":
+        pytest.importorskip("datasets")
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        _run(name)
+    if name == "lightning":
         assert (tmp_path / "shapley_log" / "meta.json").exists()
+    if name == "huggingface":
+        assert (tmp_path / "hf_shapley_log" / "meta.json").exists()

@@ -63,7 +63,7 @@ def _prune_arguments(p: argparse.ArgumentParser) -> None:
     rule = p.add_mutually_exclusive_group()
     rule.add_argument(
         "--fraction",
-        help="fraction of seen samples to drop, in [0, 1], or 'auto': drop every sample with a negative "
+        help="fraction of seen samples to drop, in [0, 1), or 'auto': drop every sample with a negative "
         "value (the negative-value rule of In-Run Data Shapley)",
     )
     rule.add_argument("--keep-top", type=int, help="keep only this many highest-valued seen samples")
@@ -98,7 +98,7 @@ def _prune_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _parse_fraction(text: str | None) -> float | str | None:
-    """``--fraction``: None, ``"auto"`` or a number in [0, 1]."""
+    """``--fraction``: None, ``"auto"`` or a number in [0, 1) (1 would keep no scored sample)."""
     if text is None or text.strip().lower() == "auto":
         return None if text is None else "auto"
     try:
@@ -107,7 +107,12 @@ def _parse_fraction(text: str | None) -> float | str | None:
         value = float("nan")
     if not 0.0 <= value <= 1.0:  # NaN fails too
         raise UsageError(
-            f"--fraction must be a number in [0, 1] or 'auto' (drop every sample with a negative value), got {text!r}"
+            f"--fraction must be a number in [0, 1) or 'auto' (drop every sample with a negative value), got {text!r}"
+        )
+    if value == 1.0:
+        raise UsageError(
+            "--fraction 1 drops every scored sample, so the keep file would list none of them: pass the share "
+            "to drop, below 1 (e.g. --fraction 0.2), or --keep-top K to keep the K most helpful"
         )
     return value
 

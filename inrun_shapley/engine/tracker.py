@@ -18,7 +18,9 @@ the values of one step sum to the linear part of that step's validation-loss cha
 
 from __future__ import annotations
 
+import atexit
 import warnings
+import weakref
 from contextlib import contextmanager
 from typing import Callable, Iterable
 
@@ -70,6 +72,28 @@ def _check_options(estimator: Estimator, order: int, per_query: bool, query_path
         raise ConfigurationError("group_values are kept for the mean validation loss only (per_query=False)")
 
 
+_SINKS_AT_EXIT: "weakref.WeakSet" = weakref.WeakSet()  # sinks given to a tracker, closed at exit
+
+
+def _close_sink(sink) -> None:
+    """Close (else flush) a sink once; forget it for the exit handler."""
+    if sink is None:
+        return
+    _SINKS_AT_EXIT.discard(sink)
+    close = getattr(sink, "close", None) or getattr(sink, "flush", None)
+    if close is not None:
+        close()
+
+
+@atexit.register
+def _close_sinks_at_exit() -> None:
+    for sink in list(_SINKS_AT_EXIT):
+        try:
+            _close_sink(sink)
+        except Exception as exc:  # pragma: no cover - report, never mask the exit
+            warnings.warn(f"inrun-shapley: closing {sink!r} at exit failed: {exc}", RuntimeWarning)
+
+
 class ShapleyTracker:
     """Attach to a model and its optimizer; get each training sample's In-Run Shapley value.
 
@@ -81,9 +105,11 @@ class ShapleyTracker:
         val_loss_fn: ``fn(model, batch) -> per-sample losses [m]`` (or their mean); default
             :func:`inrun_shapley.data.default_loss` (cross-entropy / MSE on ``model(input)``).
         validation: a ready :class:`ValidationObjective` instead of ``val_data``/``val_loss_fn``.
-        estimator: an :class:`Estimator` or its name: ``"shapley"`` (fixed-state Shapley for the optimizer in use, default),
-            ``"loo"`` (linearized leave-one-out of the real Adam step), or ``"sgd"`` (gradient dot
-            product times lr: the SGD-form baseline, whatever the optimizer).
+        estimator: an :class:`Estimator` or its name: ``"midpoint"`` (default: the Shapley value
+            of the step the optimizer really takes, validation gradient at ``θ_t + Δ(G/2)``;
+            exact for quadratic games), ``"shapley"`` (fixed-state Shapley for the optimizer in
+            use), ``"loo"`` (linearized leave-one-out of the real Adam step), or ``"sgd"``
+            (gradient dot product times lr: the SGD-form baseline, whatever the optimizer).
         order: 1, or 2 for the second-order Shapley value (one validation Hessian-vector
             product per step; ``estimator="shapley"`` only).
         val_sample_size: validation rows drawn per step (None: the whole set every step).
@@ -111,7 +137,10 @@ class ShapleyTracker:
             :attr:`query_plan`.
         sink: an extra receiver of per-step values with ``add_step(step, ids, values,
             group_values=None)`` (e.g. :class:`inrun_shapley.log.ShapleyLogWriter`, created with
-            ``group_names=tracker.group_names`` when ``group_values``).
+            ``group_names=tracker.group_names`` when ``group_values``). The tracker closes it
+            (``close()``, else ``flush()``) in :meth:`close` and at interpreter exit, so a
+            writer given here needs no ``close()`` of its own. A step whose ids repeat
+            (sampling with replacement) passes ``counts=`` (occurrences per id) as well.
 
     Raises:
         UnsupportedOptimizerError: the optimizer has no adapter.
@@ -233,13 +262,28 @@ class ShapleyTracker:
             h.remove()
         self._handles.clear()
 
-    close = detach
+    def close(self) -> None:
+        """:meth:`detach`, then close the ``sink`` given to the tracker (a value log writer
+        flushes, compacts and releases its lock). Idempotent; also run at interpreter exit."""
+        self.detach()
+        _close_sink(self.sink)
+
+    @property
+    def sink(self):
+        """The extra receiver of per-step values (see the constructor), or None."""
+        return self._sink
+
+    @sink.setter
+    def sink(self, sink) -> None:
+        self._sink = sink
+        if sink is not None:
+            _SINKS_AT_EXIT.add(sink)
 
     def __enter__(self) -> "ShapleyTracker":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.detach()
+        self.close()
 
     # -------------------------------------------------------------- batches
     def begin_batch(self, ids) -> None:

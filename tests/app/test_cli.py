@@ -155,11 +155,12 @@ def test_report_merges_rank_directory(tmp_path, capsys):
         (["report", "{corrupt}"], "unreadable header"),
         (
             ["prune", "{log}", "--fraction", "1.5", "--out", "{out}"],
-            r"fraction must be a number in \[0, 1\]",
+            r"fraction must be a number in \[0, 1\)",
         ),
+        (["prune", "{log}", "--fraction", "1.0", "--out", "{out}"], r"--fraction 1 drops every scored sample.*--keep-top"),
         (["prune", "{log}", "--fraction", "-0.1", "--out", "{out}"], "fraction must be a number"),
-        (["prune", "{log}", "--fraction", "abc", "--out", "{out}"], r"in \[0, 1\] or 'auto' .*got 'abc'"),
-        (["prune", "{log}", "--fraction", "nan", "--out", "{out}"], r"--fraction must be a number in \[0, 1\] or 'auto'"),
+        (["prune", "{log}", "--fraction", "abc", "--out", "{out}"], r"in \[0, 1\) or 'auto' .*got 'abc'"),
+        (["prune", "{log}", "--fraction", "nan", "--out", "{out}"], r"--fraction must be a number in \[0, 1\) or 'auto'"),
         (["prune", "{log}", "--fraction", "0.2"], "the following arguments are required: --out"),
         (["prune", "{log}", "--out", "{out}"], "nothing to prune"),
         (

@@ -51,6 +51,12 @@ class BIFResult:
     batched: bool = False
     sampling_seconds: float = float("nan")
 
+    def __repr__(self) -> str:
+        """One line (the tensors are summarized by shape; :meth:`summary` has the report)."""
+        d = self.diagnostics
+        return (f"BIFResult(bif={tuple(self.bif.shape)}, n_draws={self.n_draws}, n_beta={self.n_beta:g}, "
+                f"rhat={d.rhat:.3f}, ess={d.ess:.0f}, seconds={self.seconds:.2f})")
+
     @property
     def draws_per_second(self) -> float:
         """Pooled draws C·T per second of sampling (SGLD steps included)."""

@@ -332,6 +332,7 @@ def test_per_token_observables_and_summary(small_problem):
     assert torch.all(res.correlation.abs() <= 1 + 1e-9)
     text = res.summary()
     assert "split-R-hat" in text and "ESS" in text and "drift" in text
+    assert repr(res).startswith("BIFResult(bif=(10, 3, 5), ") and "\n" not in repr(res) and len(repr(res)) < 160
     d = res.diagnostics
     assert d.loss_trace.shape == (2, 40) and d.sgld_loss.shape == (2, 50) and d.drift.shape == (2, 40)
     assert d.drift_fraction == pytest.approx(float(d.drift.mean()))
