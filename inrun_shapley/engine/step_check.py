@@ -105,6 +105,19 @@ class StepSumCheck:
             warnings.warn(message + " (warned once; step_check='raise' stops instead)", RuntimeWarning, stacklevel=5)
             self.warned = True
 
+    def unvalued(self, step: int, names: list[str]) -> None:
+        """Parameters that started training after this step's micro-batches were captured (unfrozen
+        or added to the optimizer between the backward and ``step()``): their part of the step
+        has no values. Reported like a mismatching sum; they are valued from the next micro-batch."""
+        if self.mode == "off" or not names:
+            return
+        message = (f"step {step}: parameters {names} started training after this step's batches were captured "
+                   "(unfrozen or added to the optimizer between backward and step()): their part of the step "
+                   "is not in the values. Change what trains before the forward of a step")
+        if self.mode == "raise":
+            raise StepSumError(message + " (step_check='warn' to continue with a warning)")
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
     @staticmethod
     def _offenders(module_totals, module_params, per_param) -> str:
         if module_totals is None:

@@ -15,7 +15,7 @@ from inrun_shapley.capture.sites import PARAMETER_SITE_RULE
 from inrun_shapley.errors import ConfigurationError, UnsupportedModuleError
 
 __all__ = ["ModuleReport", "TrackedModule", "TrackedModules", "TrackedParameters", "plan_modules", "plan_parameters",
-           "warn_batch_statistics"]
+           "trained_signature", "untracked_trained", "warn_batch_statistics"]
 
 
 @dataclass
@@ -178,3 +178,19 @@ def plan_parameters(model: nn.Module, modules: dict[str, TrackedModule],
     if not params:
         raise ConfigurationError("none of the model's tracked parameters is in the optimizer")
     return TrackedParameters(params, groups, untracked)
+
+
+def trained_signature(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
+    """What the optimizer will update: the ids of its parameters that require gradients, in group
+    order (one pass over the groups: cheap enough to compare at every micro-batch)."""
+    return tuple(id(p) for group in optimizer.param_groups for p in group["params"] if p.requires_grad)
+
+
+def untracked_trained(model: nn.Module, optimizer: torch.optim.Optimizer, planned: tuple[int, ...]) -> list[str]:
+    """Names of the parameters the optimizer updated at this step (it holds a gradient for them:
+    call from the step post-hook) that the plan ``planned`` left out."""
+    known = set(planned)
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names.get(id(p), "<not in the model>") for p in dict.fromkeys(
+        p for group in optimizer.param_groups for p in group["params"]
+        if p.requires_grad and p.grad is not None and id(p) not in known)]

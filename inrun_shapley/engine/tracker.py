@@ -37,7 +37,9 @@ from inrun_shapley.engine.scoring import grad_sq_norm, grads_zeroed, world_size
 from inrun_shapley.engine.step_check import StepSumCheck, nonfinite_training_step
 from inrun_shapley.engine.step import PreStep, StepPipeline
 from inrun_shapley.engine.store import InMemoryValues
-from inrun_shapley.engine.tracked import ModuleReport, plan_modules, plan_parameters
+from inrun_shapley.engine.tracked import (
+    ModuleReport, plan_modules, plan_parameters, trained_signature, untracked_trained,
+)
 from inrun_shapley.data import default_loss, validation_rows
 from inrun_shapley.engine.validation import ValidationObjective
 from inrun_shapley.errors import ConfigurationError, NonFiniteError, SampleIdError
@@ -224,24 +226,44 @@ class ShapleyTracker:
         self._warned_no_backward_signal = False
         self._listeners: list = []
 
-        self._modules, self._reports = plan_modules(model, exclude, strict)
+        self._exclude, self._strict, self._base_adapter = tuple(exclude), strict, self.adapter
+        self._session: CaptureSession | None = None
+        self._plan()
+        self._handles = [self.optimizer.register_step_pre_hook(self._before_step),
+                         self.optimizer.register_step_post_hook(self._after_step)]
+
+    def _plan(self) -> None:
+        """Plan the tracked modules and parameters from what the optimizer updates now: at
+        construction, and again whenever that changes (parameters unfrozen with
+        ``requires_grad_(True)``, ``optimizer.add_param_group``), checked at each micro-batch."""
+        old = self._session
+        modules, self._reports = plan_modules(self.model, self._exclude, self._strict, stacklevel=4)
+        if old is not None and self.keep_group_values and list(modules) != list(self._modules):
+            raise ConfigurationError(
+                "group_values keep one column per tracked module, and the modules the optimizer trains changed "
+                f"(now {list(modules)}): build the tracker once every module that will train is trainable, "
+                "or drop group_values")
+        self._modules = modules
         self._params, self._param_group, self.untracked_optimized = plan_parameters(
-            model, self._modules, self.optimizer)
+            self.model, self._modules, self.optimizer)
+        self._trained = trained_signature(self.optimizer)
         self.sharded = sharding.is_sharded(self._params)  # FSDP2: DTensor handling in engine/sharding.py
+        self.adapter, validation = self._base_adapter, self.validation
         if self.sharded:
-            sharding.check_sharded(self._modules, per_query=per_query, order=order)
+            sharding.check_sharded(self._modules, per_query=self.per_query, order=self.order)
             self.adapter, validation = sharding.ShardedAdapter(self.adapter), sharding.ShardedValidation(validation)
         self._session = CaptureSession(self._modules)
+        if old is not None:  # micro-batches captured before the change are still scored
+            old.detach()
+            self._session.pending = old.pending
         if self.sharded:
-            self._session.unsharded = sharding.unsharded_lookup(model)
+            self._session.unsharded = sharding.unsharded_lookup(self.model)
         self._pipeline = StepPipeline(
-            model, self.optimizer, self.adapter, validation, self._modules, self._params, self._param_group,
-            estimator=estimator, order=order, per_query=per_query, query_path=query_path,
-            check=self.step_check, keep_groups=group_values, sharded=self.sharded,
+            self.model, self.optimizer, self.adapter, validation, self._modules, self._params, self._param_group,
+            estimator=self.estimator, order=self.order, per_query=self.per_query, query_path=self.query_path,
+            check=self.step_check, keep_groups=self.keep_group_values, sharded=self.sharded,
         )
-        self._handles = self._session.attach()
-        self._handles.append(self.optimizer.register_step_pre_hook(self._before_step))
-        self._handles.append(self.optimizer.register_step_post_hook(self._after_step))
+        self._session.attach()
 
     def add_step_listener(self, listener) -> None:
         """Register an object told about every real optimizer step (e.g. a trajectory recorder).
@@ -296,6 +318,8 @@ class ShapleyTracker:
             self._session.drop_pending()
             self.skipped_steps += 1
             self._grad_sq_after_backward = None
+        if trained_signature(self.optimizer) != self._trained:
+            self._plan()  # parameters started (or stopped) training since the last plan
         self._session.begin(ids)
 
     def after_backward(self) -> None:
@@ -383,6 +407,8 @@ class ShapleyTracker:
             )
             self._warned_no_backward_signal = True
         try:
+            if trained_signature(self.optimizer) != self._trained:  # changed after this step's forward
+                self.step_check.unvalued(self.step + 1, untracked_trained(self.model, self.optimizer, self._trained))
             with self._suspend():
                 host = self._pipeline.after(
                     pre, self.step + 1, self._session, batches, grad_sq_backward=self._grad_sq_after_backward,

@@ -23,7 +23,7 @@ from inrun_shapley import ShapleyTracker
 from tests import oracles
 from tests.engine.zoo_models import ZOO, build
 
-VARIANTS = ("plain",)
+VARIANTS = ("plain", "unfreeze", "add_group")
 
 
 def _midpoint_reference(model, loss_rows, rows, val, lr, trained: set[str]):
@@ -85,3 +85,21 @@ def test_model_is_exact(name, variant):
     tracker.detach()
     assert oracles.relative_error(got, ref) <= 1e-8, (got, ref)
     assert float(ref.abs().max()) > 0
+
+
+def test_parameters_added_between_backward_and_step_are_reported():
+    """Too late to capture this step: the step check says so instead of leaving them out silently."""
+    from inrun_shapley.engine.step_check import StepSumError
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model[2].parameters(), lr=0.1)
+    x, y = torch.randn(4, 3), torch.randn(4, 1)
+    tracker = ShapleyTracker(model, opt, val_data=(x, y), val_loss_fn=lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(1),
+                             step_check="raise")
+    with tracker.batch(torch.arange(4)):
+        ((model(x) - y) ** 2).mean().backward()
+    opt.add_param_group({"params": list(model[0].parameters())})
+    with pytest.raises(StepSumError, match=r"parameters \['0.weight', '0.bias'\] started training after"):
+        opt.step()
+    tracker.detach()
