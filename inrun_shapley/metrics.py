@@ -46,22 +46,30 @@ def roc_auc(scores, positives) -> float:
     return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def linear_datamodeling_score(scores, subsets, outputs) -> float:
+def linear_datamodeling_score(scores, subsets, outputs, *, output_kind: str = "utility") -> float:
     """Linear datamodeling score (LDS), averaged over queries.
 
     Args:
-        scores: ``[n_train, n_queries]`` attribution scores; positive = including the training
-            sample raises the query output.
+        scores: ``[n_train, n_queries]`` attribution scores in the library's one orientation:
+            positive = helpful, i.e. including the training sample raises the query's utility
+            (every score the library returns at its defaults).
         subsets: ``[n_models, n_train]`` boolean masks, the training subset of each retrained model.
-        outputs: ``[n_models, n_queries]`` measured query outputs (margin or loss) of each model.
+        outputs: ``[n_models, n_queries]`` measured query outputs of each model.
+        output_kind: ``"utility"`` (default: ``outputs`` are higher-is-better, e.g. a margin, a
+            log-probability or minus a loss) or ``"loss"`` (``outputs`` are losses; the
+            correlation is taken with minus them).
 
     Returns:
         Mean over queries of the Spearman correlation, across models, between the predicted
         output ``sum_{i in subset} scores[i, q]`` and the measured one.
     """
+    if output_kind not in ("utility", "loss"):
+        raise ConfigurationError(f"output_kind must be 'utility' or 'loss', got {output_kind!r}")
     scores = np.asarray(scores, dtype=np.float64)
     subsets = np.asarray(subsets, dtype=np.float64)
     outputs = np.asarray(outputs, dtype=np.float64)
+    if output_kind == "loss":
+        outputs = -outputs
     if scores.ndim != 2 or subsets.ndim != 2 or outputs.ndim != 2:
         raise ConfigurationError(
             "LDS needs 2-D scores [n_train, Q], subsets [M, n_train], outputs [M, Q]; got "

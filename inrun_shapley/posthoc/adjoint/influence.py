@@ -34,7 +34,7 @@ def adjoint_influence(
     train_data,
     loss_fn: Callable,
     queries,
-    output_fn: Callable,
+    output_fn: Callable | None = None,
     *,
     reduction: str = "mean",
     jacobian: str = "loo",
@@ -65,8 +65,11 @@ def adjoint_influence(
         loss_fn: ``fn(model, batch) -> [B]`` per-sample training losses; the training loss was
             their mean (``reduction="mean"``) or sum (``"sum"``). Must call the model as
             ``model(...)`` and be deterministic (no dropout).
-        queries: whatever ``output_fn`` takes.
-        output_fn: ``fn(model, queries) -> [Q]``: the measured outputs (margin, loss, log-prob).
+        queries: whatever ``output_fn`` takes (by default a batch for ``loss_fn``).
+        output_fn: ``fn(model, queries) -> [Q]``: the observable to attribute (margin,
+            log-prob, ...). Default None: the query's utility, minus its loss
+            ``-loss_fn(model, queries)``, so that, like every score of the library, positive =
+            helpful (including the sample lowers the query loss).
         reduction: ``"mean"`` or ``"sum"``, how the training loss reduced the per-sample losses.
         jacobian: Adam's step Jacobian: ``"loo"`` (default), ``"fixed_state"`` or ``"full"``
             (module docstring: what each one is the exact derivative of). Ignored for SGD.
@@ -103,7 +106,8 @@ def adjoint_influence(
             recorded rows in (0, 1), number of random sets).
 
     Returns:
-        ``[n_train, Q]`` float64 scores; ``scores[i, q] > 0``: including sample i raises ``f_q``.
+        ``[n_train, Q]`` float64 numpy scores; ``scores[i, q] > 0``: including sample i raises
+        ``f_q`` (by default the query's utility, minus its loss: positive = helpful).
 
     Raises:
         LogError: no (complete) recording at ``recording``.
@@ -151,6 +155,9 @@ def adjoint_influence(
                                  f"{probes!r}")
     if last_steps is not None and (not isinstance(last_steps, int) or last_steps < 1):
         raise ConfigurationError(f"last_steps must be a positive int or None, got {last_steps!r}")
+    if output_fn is None:  # the query's utility: minus its per-sample loss
+        output_fn = lambda m, q: -loss_fn(m, q).reshape(-1)  # noqa: E731
+        output_kind = "score" if output_kind is None else output_kind
     if output_kind is not None and output_kind not in ("loss", "score"):
         raise ConfigurationError(f"output_kind must be one of {list(OUTPUT_KINDS)}, got {output_kind!r}")
     if checkpoint_every < 1:

@@ -109,7 +109,9 @@ def bayesian_influence(
         progress: show a tqdm progress bar.
 
     Returns:
-        :class:`BIFResult` with ``bif`` of shape ``[n_train, n_queries, *token_shape]``.
+        :class:`BIFResult` with ``bif`` of shape ``[n_train, n_queries, *token_shape]``; rank by
+        ``result.helpfulness`` (numpy, positive = helpful: lowers the query loss by default,
+        raises the named observable otherwise), the orientation of every score of the library.
 
     Raises:
         ConfigurationError: invalid settings or inputs (message says what to change).
@@ -122,6 +124,7 @@ def bayesian_influence(
         raise ConfigurationError(f"config must be a BIFConfig, got {type(cfg).__name__}.")
     if params is not None and cfg.params is not None:
         raise ConfigurationError("params given both as an argument and in config.params; pass one.")
+    observable_named = observable_fn is not None
     observable_fn = loss_fn if observable_fn is None else observable_fn
     selected = select_params(model, params if params is not None else cfg.params)
     dataset_size = cfg.dataset_size if cfg.dataset_size is not None else _dataset_size(train_loader)
@@ -176,6 +179,7 @@ def bayesian_influence(
         seconds=time.perf_counter() - start,
         batched=isinstance(sampler, BatchedSGLDSampler),
         sampling_seconds=sampling_seconds,
+        observable_named=observable_named,
     )
 
 

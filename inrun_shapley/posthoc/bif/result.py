@@ -36,6 +36,12 @@ class BIFResult:
         seconds: wall time of the whole call.
         batched: whether the chains ran together (vmapped over stacked parameters).
         sampling_seconds: wall time of the SGLD steps and draws alone (no setup, no reduction).
+        observable_named: whether ``observable_fn`` was given (else the observable is the query
+            loss, and :attr:`helpfulness` is minus ``influence``).
+
+    ``bif``, ``correlation`` and ``influence`` keep the covariance's own sign (positive = raises
+    the observable); :attr:`helpfulness` is the one to rank by, oriented like every other score
+    of the library (positive = helpful).
     """
 
     bif: torch.Tensor
@@ -50,6 +56,18 @@ class BIFResult:
     seconds: float
     batched: bool = False
     sampling_seconds: float = float("nan")
+    observable_named: bool = False
+
+    @property
+    def helpfulness(self) -> np.ndarray:
+        """The scores in the library's one orientation: numpy float64 ``[n_train, n_queries,
+        *token_shape]``, **positive = helpful**, i.e. including sample i raises query q's
+        utility: minus the query loss by default, or the observable you named with
+        ``observable_fn`` (then positive = raises it). ``influence`` (``bif`` when the dataset
+        size is unknown) with that sign; what every other score of the library returns."""
+        base = self.influence if self.influence is not None else self.bif
+        sign = 1.0 if self.observable_named else -1.0
+        return sign * base.detach().cpu().double().numpy()
 
     def __repr__(self) -> str:
         """One line (the tensors are summarized by shape; :meth:`summary` has the report)."""

@@ -24,12 +24,13 @@ import torch
 from torch import nn
 
 from inrun_shapley.errors import ConfigurationError
+from inrun_shapley.posthoc.loss_convention import model_batch_loss
 from inrun_shapley.posthoc.weighting.grad_dot import grad_dot_components
 from inrun_shapley.posthoc.weighting.groups import ParameterGroups, check_unique_names, listing
 
 StateDict = Mapping[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``loss_fn(outputs, targets) -> scalar`` for a batch of one sample."""
+"""``fn(model, batch) -> [B]`` per-sample losses (or their mean), ``batch = (inputs, targets)``."""
 
 _COMPONENTS_FORMAT = "inrun-shapley/group-components"
 
@@ -112,6 +113,19 @@ class GroupComponents:
             )
 
 
+def _checked_loss(model: nn.Module, fn: Callable, what: str, probe: tuple) -> Callable:
+    """``fn`` as ``fn(model, batch)`` (deprecated spellings converted), tried once on ``probe``
+    with the model in eval mode (its modes restored)."""
+    modes = {name: mod.training for name, mod in model.named_modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model_batch_loss(fn, what, probe=(model, probe))
+    finally:
+        for name, mod in model.named_modules():
+            mod.train(modes[name])
+
+
 def compute_group_components(
     model: nn.Module,
     loss_fn: LossFn,
@@ -145,7 +159,9 @@ def compute_group_components(
 
     Args:
         model: the model; ``model(x)`` for a batch of inputs.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar`` for a batch of one sample.
+        loss_fn: ``fn(model, batch) -> [B]`` per-sample losses (or their mean) with ``batch =
+            (inputs, targets)``, as everywhere in the library. The old ``loss(outputs,
+            targets)`` spelling still works for one release, with a ``DeprecationWarning``.
         train: ``(inputs [n_train, ...], targets [n_train, ...])``.
         query: ``(inputs [n_query, ...], targets [n_query, ...])``.
         groups: the parameter groups (see :meth:`ParameterGroups.resolve`).
@@ -156,8 +172,8 @@ def compute_group_components(
         preconditioner: ``{parameter name: P}`` (shaped like the parameter, e.g. from
             :func:`adam_preconditioner`) used for every checkpoint, or one per checkpoint.
         projection_dim: per-group random projection size, or None for exact products.
-        query_loss_fn: loss for the queries (default ``loss_fn``); return minus a quantity that
-            should rise, e.g. ``-margin``, to attribute that quantity.
+        query_loss_fn: ``fn(model, batch)`` loss for the queries (default ``loss_fn``); return
+            minus a quantity that should rise, e.g. ``-margin``, to attribute that quantity.
         batch_size: samples per ``vmap`` call.
         seed: seeds the projections.
         cache_path: ``.npz`` file. If it exists and was computed from the same inputs it is
@@ -172,9 +188,11 @@ def compute_group_components(
             computed from other inputs.
     """
     groups = ParameterGroups.resolve(model, groups)
-    query_loss_fn = query_loss_fn or loss_fn
     x_tr, y_tr = train
     x_q, y_q = query
+    loss_fn = _checked_loss(model, loss_fn, "loss_fn", (x_tr[:1], y_tr[:1]))
+    query_loss_fn = loss_fn if query_loss_fn is None else _checked_loss(model, query_loss_fn, "query_loss_fn",
+                                                                          (x_q[:1], y_q[:1]))
     if len(x_tr) != len(y_tr) or len(x_q) != len(y_q):
         raise ConfigurationError(
             f"inputs and targets differ in length: train {len(x_tr)} vs {len(y_tr)}, "

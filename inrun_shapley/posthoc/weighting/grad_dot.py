@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from inrun_shapley.posthoc.loss_convention import model_batch_loss
 from inrun_shapley.posthoc.weighting.groups import ParameterGroups
 
 PerSampleGrad = Callable[..., dict[str, torch.Tensor]]
@@ -27,12 +28,15 @@ def per_sample_grad_fn(model: nn.Module, loss_fn: Callable) -> PerSampleGrad:
 
     Args:
         model: the model; called as ``model(x[None])`` on one sample at a time.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar`` for a batch of one sample.
+        loss_fn: ``fn(model, batch) -> [1]`` (or a scalar) loss of a batch ``(x[None], y[None])``
+            of one sample (the deprecated ``loss(outputs, targets)`` is converted, with a
+            warning).
     """
+    loss_fn = model_batch_loss(loss_fn, "loss_fn")
 
     def single(params, rest, x, y):
-        outputs = functional_call(model, {**rest, **params}, (x.unsqueeze(0),))
-        return loss_fn(outputs, y.unsqueeze(0))
+        call = lambda *a: functional_call(model, {**rest, **params}, a)  # noqa: E731
+        return loss_fn(call, (x.unsqueeze(0), y.unsqueeze(0))).sum()
 
     return vmap(grad(single), in_dims=(None, None, 0, 0))
 
@@ -97,7 +101,7 @@ def grad_dot_components(
 
     Args:
         model: the model.
-        loss_fn: training loss for one sample, ``(outputs, targets) -> scalar``.
+        loss_fn: training loss, ``fn(model, batch)`` on a batch of one sample.
         query_loss_fn: query loss for one sample.
         train: ``(inputs [n_train, ...], targets [n_train, ...])``.
         query: ``(inputs [n_query, ...], targets [n_query, ...])``.
