@@ -139,7 +139,6 @@ def worker(args) -> None:
         step(s)
     plain = counter.take()
     rss_plain = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    tracker = ShapleyTracker(tracked, opt, val_data=val, val_loss_fn=lm_losses, val_batch_size=args.val_rows)
     capture_bytes = []
     score = sharding.score_sharded
 
@@ -147,7 +146,8 @@ def worker(args) -> None:
         capture_bytes.append(sum(_nbytes(t) for mb in batches for caps in mb.captures.values() for c in caps
                                  for t in [*c.args, *c.grad_outputs] if isinstance(t, torch.Tensor)))
         return score(batches, *a, **kw)
-    sharding.score_sharded = measured_score
+    sharding.score_sharded = measured_score  # before the tracker: it binds its scorer at construction
+    tracker = ShapleyTracker(tracked, opt, val_data=val, val_loss_fn=lm_losses, val_batch_size=args.val_rows)
     step(args.steps + 1, tracker)  # first tracked step (lazy lookups)
     counter.take()
     largest = counter.largest_direction

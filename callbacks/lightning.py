@@ -14,6 +14,8 @@ from inrun_shapley.integration import (
     ShapleyConfig,
     TrackedValues,
     checkpoint_cursor,
+    cursor_for_rank,
+    gathered_cursor,
     merge_across_ranks,
     take_sample_ids,
 )
@@ -86,13 +88,24 @@ class ShapleyCallback(TrackedValues, Callback):
             raise ConfigurationError(
                 f"ShapleyCallback supports one optimizer; configure_optimizers returned {len(trainer.optimizers)}"
             )
+        self._deferred = bool(getattr(trainer.strategy, "restore_checkpoint_after_setup", False))
+        if not self._deferred:
+            self._attach(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if getattr(self, "_deferred", False):  # FSDP strategies restore callback state after on_fit_start
+            self._deferred = False
+            self._attach(trainer, pl_module)
+
+    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.attached = self.config.build(
             pl_module, trainer.optimizers[0], world_size=trainer.world_size, rank=trainer.global_rank,
             restoring=self._restored is not None,
         )
         self.tracker = self.attached.tracker
         if self._restored is not None:
-            self.tracker.load_state_dict(self._restored)
+            self.tracker.load_state_dict(cursor_for_rank(self._restored, trainer.global_rank))
         self._merged = None
 
     @override
@@ -118,7 +131,8 @@ class ShapleyCallback(TrackedValues, Callback):
     @override
     def state_dict(self) -> dict:
         """A cursor (step counters, per-id totals): its size does not grow with the steps."""
-        return {} if self.tracker is None else checkpoint_cursor(self.tracker)
+        # rank 0 alone writes Lightning's checkpoint: it carries every rank's cursor
+        return {} if self.tracker is None else gathered_cursor(checkpoint_cursor(self.tracker))
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:

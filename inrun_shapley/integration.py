@@ -29,7 +29,8 @@ from inrun_shapley.errors import ConfigurationError, LogError, SampleIdError
 
 __all__ = [
     "ADAPTER_OPTIONS", "INPUT_KEYS", "TARGET_KEYS", "Attached", "BackwardEndSignal", "ShapleyConfig",
-    "TrackedValues", "checkpoint_cursor", "default_loss", "merge_across_ranks", "take_sample_ids", "tracker_options",
+    "TrackedValues", "checkpoint_cursor", "cursor_for_rank", "default_loss", "gathered_cursor", "merge_across_ranks",
+    "take_sample_ids", "tracker_options",
 ]
 
 # Options of the adapters themselves (name -> default); every other option is a tracker option.
@@ -122,6 +123,23 @@ def checkpoint_cursor(tracker: ShapleyTracker) -> dict:
     per-id totals (O(number of ids), not O(steps)); the per-step records live in the log."""
     state = tracker.state_dict()
     return {**state, "values": {**state["values"], "records": []}}
+
+
+def gathered_cursor(cursor: dict) -> dict:
+    """Every rank's cursor, gathered on rank 0 (collective: every rank calls it), for checkpoints
+    that rank 0 alone writes (Lightning): ``{"by_rank": [cursor of rank 0, rank 1, ...]}`` on
+    rank 0, the rank's own cursor elsewhere; ``cursor`` itself in one process."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return cursor
+    everyone = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(cursor, everyone, dst=0)
+    return {"by_rank": everyone} if dist.get_rank() == 0 else cursor
+
+
+def cursor_for_rank(state: dict, rank: int) -> dict:
+    """This rank's cursor from a checkpoint's state (:func:`gathered_cursor`, or one cursor)."""
+    return state["by_rank"][rank] if "by_rank" in state else state
 
 
 class ShapleyConfig:

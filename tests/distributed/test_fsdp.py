@@ -19,15 +19,15 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.distributed
 
 
-def torchrun(script: str, args: list[str], tmp_path: Path, nproc: int = 2) -> Path:
+def torchrun(script: str, args: list[str], tmp_path: Path, nproc: int = 2, fails: bool = False) -> Path:
     """Run ``tests/distributed/<script>`` under ``torchrun --nproc_per_node nproc`` (CPU, gloo);
-    returns the results' path prefix (``$RESULT_PATH``)."""
+    returns the results' path prefix (``$RESULT_PATH``). ``fails``: a rank is meant to die."""
     out = tmp_path / "result"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RESULT_PATH": str(out), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / "tests" / "distributed" / script), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert (proc.returncode != 0) == fails, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out
 
 
@@ -50,9 +50,9 @@ def test_fsdp2_two_processes_equal_one_process(tmp_path):
         assert scale > 0 and np.count_nonzero(values) == len(values), kind
 
 
-def run_script(script: str, tmp_path: Path) -> dict:
+def run_script(script: str, tmp_path: Path, *args: str) -> dict:
     """``tests/distributed/<script>`` under torchrun with 2 processes; its $RESULT_PATH json."""
-    prefix = torchrun(script, [], tmp_path)
+    prefix = torchrun(script, list(args), tmp_path)
     return json.loads(prefix.read_text())
 
 
@@ -68,3 +68,13 @@ def test_accelerate_fsdp2_plugin_equals_one_process(tmp_path):
     ref, counts = plain_values(batch_size=8)
     assert close(result["values"], ref) and np.array_equal(result["counts"], counts)
     assert close(ShapleyLog.load(tmp_path / "log").values, ref)
+
+
+def test_lightning_fsdp2_killed_rank_resumes_to_the_uninterrupted_values(tmp_path):
+    torchrun("lightning_fsdp.py", ["crash"], tmp_path, fails=True)  # rank 1 dies at step 7
+    assert json.loads((tmp_path / "log" / "rank1" / "meta.json").read_text())["last_step"] == 6
+    result = run_script("lightning_fsdp.py", tmp_path, "resume")  # from the step-4 checkpoint
+    ref, counts = plain_values(batch_size=8)
+    assert close(result["values"], ref) and np.array_equal(result["counts"], counts)
+    log = ShapleyLog.load(tmp_path / "log")  # steps 5-6 were in the log already: not counted twice
+    assert close(log.values, ref) and np.array_equal(log.counts, counts) and log.last_step == 8
