@@ -32,7 +32,7 @@ from torch import Tensor
 
 from inrun_shapley.capture.registry import up
 from inrun_shapley.errors import ConfigurationError
-from inrun_shapley.optim.base import OptimizerAdapter, StepTerms, as_float, host_steps
+from inrun_shapley.optim.base import OptimizerAdapter, StepTerms, Workspace, as_float, host_steps
 
 __all__ = [
     "DIRECTION_FNS",
@@ -236,6 +236,7 @@ def step_terms(adapter: OptimizerAdapter, optimizer: torch.optim.Optimizer, para
 def midpoint_terms(adapter: OptimizerAdapter, optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
                    param_group: Sequence[int], before: Sequence[dict], snapshots: Sequence[dict | None],
                    theta_before: Sequence[Tensor], grad_divisor: Tensor | float | None = None,
+                   workspace: Workspace | None = None,
                    ) -> tuple[list[StepTerms | None], list[Tensor], list[Tensor | None]]:
     """The midpoint rule's terms of each parameter, read in the step post-hook (docs/math.md §3.2).
 
@@ -256,6 +257,8 @@ def midpoint_terms(adapter: OptimizerAdapter, optimizer: torch.optim.Optimizer, 
         theta_before: each parameter before the step.
         grad_divisor: a fused optimizer's ``grad_scale`` (a tensor; its ``p.grad`` is still
             scaled), or None.
+        workspace: buffers kept between steps for the kernels (the results live in them until
+            the next step), or None.
 
     Returns:
         ``(terms, theta_half, grads)``: per parameter its :class:`StepTerms` with ``jacobian`` set
@@ -276,14 +279,13 @@ def midpoint_terms(adapter: OptimizerAdapter, optimizer: torch.optim.Optimizer, 
     for gi, idx in by_group.items():
         group = groups[gi]
         ths = [up(theta_before[i]) for i in idx]
-        deltas, jacs = adapter.midpoint_many(
+        halves, jacs = adapter.midpoint_many(  # θ_t + Δ(G/2) and J, list-wide
             [grads[i] for i in idx], ths, group, [state.get(params[i], {}) for i in idx],
             [snapshots[i] for i in idx] if snapshots else None, [before[i] for i in idx] if before else None,
-            steps[k:k + len(idx)])
+            steps[k:k + len(idx)], plus_theta=True, workspace=None if workspace is None else workspace.scope(gi))
         k += len(idx)
-        torch._foreach_add_(deltas, ths)  # θ_t + Δ(G/2), in the deltas' buffers
         lr = as_float(group["lr"])
-        for i, d, j in zip(idx, deltas, jacs):
+        for i, h, j in zip(idx, halves, jacs):
             terms[i] = StepTerms(lr=lr, coeff=1.0, jacobian=j)
-            theta_half[i] = d.to(theta_before[i].dtype)
+            theta_half[i] = h.to(theta_before[i].dtype)
     return terms, theta_half, grads

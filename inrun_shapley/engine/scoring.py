@@ -15,6 +15,7 @@ from inrun_shapley.engine import sharding
 from inrun_shapley.engine.capture_session import MicroBatch
 from inrun_shapley.engine.sharding import is_sharded
 from inrun_shapley.engine.tracked import TrackedModule
+from inrun_shapley.host_reads import declared_read
 
 __all__ = ["ScoredStep", "captured_in_half", "grad_sq_norm", "gradient_scale", "grads_zeroed", "score_micro_batches",
            "world_size"]
@@ -147,7 +148,8 @@ def grads_zeroed(params: Sequence[Tensor]) -> bool:
     if is_sharded(grads):  # FSDP2: zero on every rank
         return sharding.grads_zeroed(params)
     device = grads[0].device
-    return not bool(torch.stack([g.any().to(device) for g in grads]).any())
+    with declared_read():
+        return not bool(torch.stack([g.any().to(device) for g in grads]).any())
 
 
 def gradient_scale(grad_sq_after_backward: Tensor | None, grad_sq_now: Tensor | None, world_size: int | None,

@@ -113,9 +113,11 @@ class ShardedAdapter:
                                               _local(snapshot), _local(before))
         return _like(delta, g), _like(jac, g)
 
-    def midpoint_many(self, grads, thetas, group, states_after, snapshots=None, befores=None, steps=None):
+    def midpoint_many(self, grads, thetas, group, states_after, snapshots=None, befores=None, steps=None,
+                      plus_theta=False, workspace=None):
         deltas, jacs = self.inner.midpoint_many(_local(grads), _local(thetas), group, _local(states_after),
-                                                _local(snapshots), _local(befores), steps)
+                                                _local(snapshots), _local(befores), steps, plus_theta=plus_theta,
+                                                workspace=workspace)
         return [_like(d, g) for d, g in zip(deltas, grads)], [_like(j, g) for j, g in zip(jacs, grads)]
 
     def terms(self, grad, group, state, before, theta, need_drift, need_loo):

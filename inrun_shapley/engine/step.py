@@ -33,7 +33,7 @@ from inrun_shapley.engine.step_check import StepSumCheck
 from inrun_shapley.engine.step_io import HostStep, to_host
 from inrun_shapley.engine.tracked import TrackedModule
 from inrun_shapley.engine.validation import ValidationObjective
-from inrun_shapley.optim.base import OptimizerAdapter, host_steps
+from inrun_shapley.optim.base import OptimizerAdapter, Workspace, fe_mul
 
 __all__ = ["PreStep", "StepPipeline"]
 
@@ -83,6 +83,7 @@ class StepPipeline:
         self.module_params = {n: list(t.params.values()) for n, t in modules.items()}
         self.reading_modules = [name for name, t in modules.items() if t.rule.reads_parameters]
         self.query_plan: list[PlanRow] | None = None  # per-query values: set at the first step
+        self.workspace = Workspace()  # CPU: buffers kept from step to step (optim/base.py)
         self.compute_dtype = up(self.params[0].detach()).dtype
         self.device = self.params[0].device
 
@@ -100,7 +101,12 @@ class StepPipeline:
         pre.module_theta = {name: {pn: p.detach().clone() for pn, p in self.modules[name].params.items()}
                             for name in self.reading_modules}
         if self.order == 2 or self.estimator.needs_theta_before:  # drift / L2 terms / midpoint need theta_t
-            pre.theta = [p.detach().clone() for p in self.params]
+            detached = [p.detach() for p in self.params]
+            pre.theta = self.workspace.get("theta_t", detached)
+            if pre.theta is None:
+                pre.theta = [p.clone() for p in detached]
+            else:
+                torch._foreach_copy_(pre.theta, detached)
         if self.estimator is Estimator.MIDPOINT:
             # amsgrad's previous running max cannot always be reconstructed after the step: copy it
             pre.snapshots = [self.adapter.snapshot_state(groups[g], state.get(p, {})) if groups[g].get("amsgrad")
@@ -132,7 +138,7 @@ class StepPipeline:
         if self.estimator is Estimator.MIDPOINT:
             terms, theta_half, grads = midpoint_terms(
                 self.adapter, self.optimizer, self.params, self.param_group, pre.before, pre.snapshots, pre.theta,
-                divisor)
+                divisor, self.workspace)
             pre.theta = None  # θ_t is no longer needed: free it before the validation pass
             # (3) the validation gradient at θ_t + Δ(G/2)
             if self.per_query:
@@ -178,7 +184,8 @@ class StepPipeline:
         keep = [i for i, t in enumerate(terms) if t is not None and val_grads[i] is not None]
         if self.estimator is Estimator.MIDPOINT and hvps is None and not self.per_query and keep:
             # M = -J ⊙ g_half, list-wide
-            ms = torch._foreach_mul([terms[i].jacobian for i in keep], [val_grads[i] for i in keep])
+            jacs = [terms[i].jacobian for i in keep]
+            ms = fe_mul(jacs, [val_grads[i] for i in keep], out=self.workspace.get("direction", jacs))
             torch._foreach_neg_(ms)
             out = {id(self.params[i]): m.unsqueeze(0) for i, m in zip(keep, ms)}
         else:

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from inrun_shapley.engine.scoring import ScoredStep
 from inrun_shapley.errors import NonFiniteError
+from inrun_shapley.host_reads import declared_read
 
 __all__ = ["HostStep", "to_host"]
 
@@ -81,7 +82,8 @@ def to_host(scored: ScoredStep, scale: Tensor | float, dots: tuple[Tensor, list]
     bad_values = (~torch.isfinite(values)).sum().double()
     parts.append(torch.stack([bad_val, skipped, bad_values]))
     packed = torch.cat(parts)
-    flat = (packed if packed.device.type == "cpu" else packed.cpu()).numpy()  # the step's one device read
+    with declared_read():  # the step's one device read
+        flat = (packed if packed.device.type == "cpu" else packed.cpu()).numpy()
     ids = scored.ids.numpy()
     n, q = values.shape
     g = 0 if groups is None else groups.shape[1]

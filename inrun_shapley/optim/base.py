@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from inrun_shapley.errors import UnsupportedOptimizerError
+from inrun_shapley.host_reads import declared_read
 
 
 @dataclass
@@ -82,10 +83,12 @@ class OptimizerAdapter(Protocol):
         rule's two per-parameter quantities, docs/math.md §3.2), fused for the step hook."""
 
     def midpoint_many(self, grads: list, thetas: list, group: dict, states_after: list, snapshots: list | None = None,
-                      befores: list | None = None, steps: list | None = None) -> tuple[list, list]:
+                      befores: list | None = None, steps: list | None = None,
+                      plus_theta: bool = False, workspace: "Workspace | None" = None) -> tuple[list, list]:
         """:meth:`midpoint_step` for every parameter of one param group at once, as list-wide
         (``torch._foreach_*``) kernels with no host read; ``steps``: each state's ``step`` as a
-        host float (:func:`host_steps`), or None."""
+        host float (:func:`host_steps`), or None; ``plus_theta``: the first list is ``θ + Δ(g/2)``;
+        ``workspace``: a :class:`Workspace` the results may live in (until its next use)."""
 
     def before_step(self, group: dict, state: dict) -> dict:
         """Whatever the adapter needs from the state as it was before the step."""
@@ -183,7 +186,80 @@ def host_steps(states: list[dict]) -> list[float | None]:
         elif step is not None:
             out[i] = float(step)
     for idx in tensors.values():
-        values = torch.stack([states[i]["step"].detach().reshape(()).to(torch.float64) for i in idx]).tolist()
+        with declared_read():  # on the host already unless fused/capturable
+            values = torch.stack([states[i]["step"].detach().reshape(()).to(torch.float64) for i in idx]).tolist()
         for i, v in zip(idx, values):
             out[i] = v
+    return out
+
+
+class Workspace:
+    """Parameter-shaped buffers kept from one step to the next, for the list-wide kernels.
+
+    On the CPU every fresh parameter-sized tensor costs page faults (the allocator hands large
+    blocks back to the system when they are freed; measured: an out-of-place add over a 400k
+    element tensor takes 2-5x the in-place one), so the step's kernels write into these buffers
+    (``out=`` arguments). Elsewhere (CUDA's caching allocator makes fresh
+    tensors free) :meth:`get` returns None and the kernels allocate as usual. The buffers hold
+    values only within one step; they are memory held at rest (:attr:`nbytes`).
+    """
+
+    def __init__(self):
+        self._buffers: dict = {}
+
+    def get(self, name, like: list[Tensor]) -> list[Tensor] | None:
+        """Buffers shaped like ``like`` for the role ``name`` (None off the CPU, and for tensor
+        subclasses)."""
+        if not like or like[0].device.type != "cpu" or type(like[0]) not in (Tensor, torch.nn.Parameter):
+            return None
+        key = (self._key(name), tuple((t.shape, t.dtype) for t in like))
+        bufs = self._buffers.get(key)
+        if bufs is None:
+            bufs = self._buffers[key] = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in like]
+        return bufs
+
+    def scope(self, prefix) -> "Workspace":
+        """A view whose roles are prefixed (one per param group: their buffers never alias)."""
+        view = Workspace.__new__(Workspace)
+        view._buffers, view._prefix = self._buffers, (getattr(self, "_prefix", ()), prefix)
+        return view
+
+    def _key(self, name):
+        return (getattr(self, "_prefix", ()), name)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held."""
+        return sum(t.numel() * t.element_size() for bufs in self._buffers.values() for t in bufs)
+
+
+def fe_add(a: list, b, alpha: float = 1.0, out: list | None = None) -> list:
+    """``a + alpha·b`` (``b`` a list or a scalar) list-wide, into ``out`` when given (one
+    ``out=`` call per tensor: torch's foreach ``out`` variants compute out of place and copy)."""
+    if out is None:
+        return torch._foreach_add(a, b, alpha=alpha) if isinstance(b, (list, tuple)) else torch._foreach_add(a, b)
+    if isinstance(b, (list, tuple)):
+        for x, y, o in zip(a, b, out):
+            torch.add(x, y, alpha=alpha, out=o)
+    else:
+        for x, o in zip(a, out):
+            torch.add(x, b, out=o)
+    return out
+
+
+def fe_mul(a: list, b, out: list | None = None) -> list:
+    """``a · b`` (``b`` a list or a scalar) list-wide, into ``out`` when given."""
+    if out is None:
+        return torch._foreach_mul(a, b)
+    for i, (x, o) in enumerate(zip(a, out)):
+        torch.mul(x, b[i] if isinstance(b, (list, tuple)) else b, out=o)
+    return out
+
+
+def fe_addcmul(a: list, b: list, c: list, value: float, out: list | None = None) -> list:
+    """``a + value·b·c`` list-wide, into ``out`` when given."""
+    if out is None:
+        return torch._foreach_addcmul(a, b, c, value=value)
+    for x, y, z, o in zip(a, b, c, out):
+        torch.addcmul(x, y, z, value=value, out=o)
     return out

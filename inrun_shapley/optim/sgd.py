@@ -173,12 +173,13 @@ def midpoint_step(g: Tensor, theta: Tensor | None, group: dict, state_after: dic
 
 def midpoint_many(grads: list[Tensor], thetas: list[Tensor | None], group: dict, states_after: list[dict],
                   snapshots: list[dict | None] | None = None, befores: list[dict | None] | None = None,
-                  steps: list[float] | None = None) -> tuple[list[Tensor], list[Tensor]]:
+                  steps: list[float] | None = None, plus_theta: bool = False,
+                  workspace=None) -> tuple[list[Tensor], list[Tensor]]:
     """``(Δ(g/2), dΔ/dg)`` of every parameter of one param group, list-wide (``torch._foreach_*``),
     from the state after a step that used gradients ``grads`` (``dΔ/dg`` is the constant
     ``-s·lr·k``: the update is affine). Per parameter, ``befores[i]`` as in
-    :func:`state_before_step`, or ``snapshots[i]``; ``steps`` unused (same signature as Adam's).
-    No host read."""
+    :func:`state_before_step`, or ``snapshots[i]``; ``steps`` unused (same signature as Adam's);
+    ``plus_theta``: return ``θ + Δ(g/2)`` instead of ``Δ(g/2)``; ``workspace`` unused. No host read."""
     h = hyper(group)
     n = len(grads)
     fe = torch
@@ -220,7 +221,11 @@ def midpoint_many(grads: list[Tensor], thetas: list[Tensor | None], group: dict,
             steps_out[i] = new_buf[k]
     if h.momentum != 0 and h.nesterov:
         steps_out = fe._foreach_add(g_h, steps_out, alpha=h.momentum)
-    deltas = fe._foreach_mul(steps_out, -h.lr)
+    if plus_theta:
+        deltas = [t.clone() for t in thetas]
+        fe._foreach_add_(deltas, steps_out, alpha=-h.lr)
+    else:
+        deltas = fe._foreach_mul(steps_out, -h.lr)
     jacs = [torch.full_like(grads[i], -h.sign * h.lr * h.coeff(had[i])) for i in range(n)]
     return deltas, jacs
 
