@@ -35,6 +35,10 @@ class LogError(AttributionError):
     """A value log is missing, corrupt, or incompatible with the requested operation."""
 
 
+class MissingExtraError(AttributionError, ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it."""
+
+
 __all__ = [
     "AttributionError",
     "ConfigurationError",
@@ -43,4 +47,5 @@ __all__ = [
     "SampleIdError",
     "NonFiniteError",
     "LogError",
+    "MissingExtraError",
 ]

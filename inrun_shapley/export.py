@@ -33,16 +33,11 @@ import numpy as np
 from inrun_shapley.errors import ConfigurationError, SampleIdError
 from inrun_shapley.log import ShapleyLog
 
-EXTRA = "pip install 'inrun-shapley[datasets]'"
-
 
 def _require(module: str):
-    import importlib
+    from inrun_shapley.extras import require
 
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise ImportError(f"this needs the optional package {module!r}: {EXTRA}") from exc
+    return require(module, "datasets", "this")
 
 
 def values_column(values: Any, n_rows: int, *, doc_ids: Any = None, normalize: str = "step_std") -> np.ndarray:

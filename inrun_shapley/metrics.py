@@ -8,9 +8,23 @@ numpy arrays. Rank statistics use average ranks for ties. Bad shapes or labels r
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import rankdata
 
 from inrun_shapley.errors import ConfigurationError
+
+
+def rankdata(a) -> np.ndarray:
+    """Ranks from 1, ties given their average rank (as ``scipy.stats.rankdata``); all NaN when
+    ``a`` holds a NaN. numpy only: the core install has no scipy."""
+    a = np.asarray(a, dtype=np.float64).ravel()
+    if np.isnan(a).any():
+        return np.full(a.shape, np.nan)
+    order = np.argsort(a, kind="mergesort")
+    ordered = a[order]
+    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    ends = np.append(starts[1:], a.size)
+    ranks = np.empty(a.size)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return ranks
 
 
 def pearson(x, y) -> float:
@@ -84,4 +98,4 @@ def linear_datamodeling_score(scores, subsets, outputs, *, output_kind: str = "u
     return float(np.nanmean(per_query))
 
 
-__all__ = ["pearson", "spearman", "roc_auc", "linear_datamodeling_score"]
+__all__ = ["pearson", "rankdata", "spearman", "roc_auc", "linear_datamodeling_score"]

@@ -66,7 +66,9 @@ def load_digits_splits(
         ConfigurationError: unknown ``scale``, a negative size, a None before the last split,
             or more rows asked than there are images.
     """
-    from sklearn.datasets import load_digits
+    from inrun_shapley.extras import require
+
+    load_digits = require("sklearn.datasets", "demo", "the digits data (scikit-learn's bundled copy)").load_digits
 
     if scale not in SCALES:
         raise ConfigurationError(f"scale must be one of {', '.join(SCALES)}; got {scale!r}")

@@ -19,10 +19,10 @@ from inrun_shapley.errors import ConfigurationError
 
 def _figure(figsize: tuple[float, float] = (6, 4)):
     """A new ``(figure, axes)`` pair drawn by the Agg canvas, outside pyplot."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from inrun_shapley.extras import require
 
-    fig = Figure(figsize=figsize)
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "plots", "plotting").FigureCanvasAgg
+    fig = require("matplotlib.figure", "plots", "plotting").Figure(figsize=figsize)
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot()
 

@@ -5,9 +5,12 @@ How it works (docs/math.md §2):
 * module hooks capture, during the ordinary forward/backward of each micro-batch, each tracked
   layer's inputs ``a`` and output gradients ``b`` (no per-sample gradient is materialized;
   :mod:`~inrun_shapley.engine.capture_session`);
-* the optimizer's step pre-hook (parameters still ``theta_t``) takes the validation gradient
-  ``g_v`` (:mod:`~inrun_shapley.engine.validation`: ``.grad`` and the parameters untouched);
-* the step post-hook (fires only for steps that happened) reads the optimizer state, forms the
+* the optimizer's step pre-hook (parameters still ``theta_t``) keeps what the step will read;
+  the fixed-state estimators (``"shapley"``, ``"loo"``, ``"sgd"``) take the validation gradient
+  ``g_v`` at ``theta_t`` there (:mod:`~inrun_shapley.engine.validation`: ``.grad`` and the
+  parameters untouched);
+* the step post-hook (fires only for steps that happened) reads the optimizer state, takes the
+  default ``"midpoint"`` estimator's validation gradient at ``theta_t + Δ(G/2)``, forms the
   fixed direction ``M`` per parameter (:mod:`~inrun_shapley.engine.directions`), and computes each
   sample's value ``<M, c_i>`` through the capture rules (:mod:`~inrun_shapley.engine.scoring`).
 

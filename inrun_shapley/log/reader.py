@@ -364,10 +364,9 @@ class ShapleyLog:
         Raises:
             ImportError: pandas is not installed (``pip install inrun-shapley[pandas]``).
         """
-        try:
-            import pandas as pd
-        except ImportError as exc:  # pragma: no cover - pandas is a dev dependency
-            raise ImportError("ShapleyLog.to_pandas needs pandas: pip install 'inrun-shapley[pandas]'") from exc
+        from inrun_shapley.extras import require
+
+        pd = require("pandas", "pandas", "ShapleyLog.to_pandas")
         t = self.totals()
         cols: dict[str, np.ndarray] = {"id": t["ids"]}
         if self.n_queries is None:

@@ -23,8 +23,10 @@ def plot_group_weights(
     Returns:
         The written path.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from inrun_shapley.extras import require
+
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "plots", "plot_group_weights").FigureCanvasAgg
+    Figure = require("matplotlib.figure", "plots", "plot_group_weights").Figure
 
     series = {weights.aspect or "weights": weights} if isinstance(weights, GroupWeights) else dict(weights)
     if not series:
