@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from inrun_shapley.capture.registry import up
 from inrun_shapley.engine.validation import ValidationObjective, eval_mode
-from inrun_shapley.errors import ConfigurationError, UnsupportedModuleError
+from inrun_shapley.errors import ConfigurationError
 
 __all__ = ["ShardedAdapter", "ShardedValidation", "check_sharded", "grad_sq_norm", "grads_zeroed", "is_sharded",
            "score_sharded"]
@@ -135,10 +135,6 @@ def check_sharded(modules: Mapping, *, per_query: bool, order: int) -> None:
     Raises:
         ConfigurationError: per-query values or second order (their validation passes are not
             sharded yet).
-        UnsupportedModuleError: a module scored by the forward-mode (JVP) rule is itself an FSDP
-            unit (``fully_shard`` applied to it or inside it): the rule replays the module, and
-            an FSDP unit's forward all-gathers, inside one rank's scoring loop. A JVP module
-            inside a larger FSDP unit is replayed on its gathered parameters and is fine.
     """
     if per_query:
         raise ConfigurationError("per_query values are not available under FSDP (fully_shard): use "
@@ -146,14 +142,6 @@ def check_sharded(modules: Mapping, *, per_query: bool, order: int) -> None:
     if order != 1:
         raise ConfigurationError("order=2 is not available under FSDP (fully_shard): use order=1 (the default "
                                  "midpoint estimator needs no Hessian-vector product)")
-    replayed = [name or "<root>" for name, t in modules.items()
-                if t.rule.reads_parameters and any(hasattr(m, "_get_fsdp_state") for m in t.module.modules())]
-    if replayed:
-        raise UnsupportedModuleError(
-            f"under FSDP (fully_shard) these modules cannot be scored: their capture rule replays the module, "
-            f"and fully_shard was applied to it or inside it: {', '.join(replayed)}. Apply fully_shard to the "
-            "module that contains them instead, or pass exclude=[...] for them"
-        )
 
 
 # ----------------------------------------------------------------- norms
@@ -305,6 +293,25 @@ def _null():
 
 
 # --------------------------------------------------------------- scoring
+@contextmanager
+def _without_forward_hooks(module: nn.Module):
+    """The module's (and its children's) forward hooks set aside inside the block.
+
+    A rule that replays a module (the JVP rule) passes it the gathered parameters through
+    ``functional_call``; if the module is itself an FSDP unit, FSDP's pre-forward hook would
+    all-gather and put its own parameters back in their place (inside one rank's loop). The
+    tracker's capture hooks are suspended while scoring anyway.
+    """
+    stash = [(m, m._forward_pre_hooks, m._forward_hooks) for m in module.modules()]
+    for m, _, _ in stash:
+        m._forward_pre_hooks, m._forward_hooks = type(m._forward_pre_hooks)(), type(m._forward_hooks)()
+    try:
+        yield
+    finally:
+        for m, pre, post in stash:
+            m._forward_pre_hooks, m._forward_hooks = pre, post
+
+
 def score_sharded(batches, modules, directions: Mapping[int, Tensor], *, theta, ghost=None, n_directions: int,
                   per_query: bool, keep_groups: bool, device, dtype):
     """:func:`~inrun_shapley.engine.scoring.score_micro_batches` with sharded directions.
@@ -321,8 +328,9 @@ def score_sharded(batches, modules, directions: Mapping[int, Tensor], *, theta, 
     for j, (name, tracked) in enumerate(modules.items()):
         dirs = {id(p): _full(directions[id(p)]) for p in tracked.params.values() if id(p) in directions}
         th = {name: {pn: _full(v) for pn, v in theta[name].items()}} if name in theta else {}
-        part = score_micro_batches(batches, {name: tracked}, dirs, theta=th, n_directions=n_directions,
-                                   per_query=per_query, keep_groups=keep_groups, device=device, dtype=dtype)
+        with _without_forward_hooks(tracked.module) if tracked.rule.reads_parameters else _null():
+            part = score_micro_batches(batches, {name: tracked}, dirs, theta=th, n_directions=n_directions,
+                                       per_query=per_query, keep_groups=keep_groups, device=device, dtype=dtype)
         del dirs, th
         if total is None:  # device tensors (engine/step_io.py reads the step once)
             groups = None if part.groups is None else part.groups.new_zeros(part.groups.shape[0], len(modules))

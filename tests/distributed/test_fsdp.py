@@ -78,3 +78,13 @@ def test_lightning_fsdp2_killed_rank_resumes_to_the_uninterrupted_values(tmp_pat
     assert close(result["values"], ref) and np.array_equal(result["counts"], counts)
     log = ShapleyLog.load(tmp_path / "log")  # steps 5-6 were in the log already: not counted twice
     assert close(log.values, ref) and np.array_equal(log.counts, counts) and log.last_step == 8
+
+
+def test_hf_trainer_fsdp2_equals_one_process(tmp_path):
+    from tests.callbacks.hf_setup import corpus_data
+    from tests.callbacks.hf_setup import plain_values as hf_plain_values
+
+    result = run_script("hf_fsdp.py", tmp_path)
+    ref, counts = hf_plain_values(corpus_data(), steps=3, clip=0.5, arch="llama")
+    assert close(result["values"], ref) and np.array_equal(result["counts"], counts)
+    assert close(ShapleyLog.load(tmp_path / "log").values, ref)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from inrun_shapley import ShapleyTracker
-from inrun_shapley.errors import ConfigurationError, UnsupportedModuleError
+from inrun_shapley.errors import ConfigurationError
 from tests.distributed import fsdp_setup
 
 fully_shard = pytest.importorskip("torch.distributed.fsdp").fully_shard
@@ -50,14 +50,17 @@ def shard(model, blocks):
     fully_shard(model)
 
 
-def test_one_rank_fsdp_equals_plain_with_a_replayed_layer(group_of_one, monkeypatch):
+@pytest.mark.parametrize("own_unit", [False, True], ids=["inside-a-unit", "its-own-unit"])
+def test_one_rank_fsdp_equals_plain_with_a_replayed_layer(group_of_one, monkeypatch, own_unit):
     monkeypatch.setattr(fsdp_setup, "make", with_gate)
     monkeypatch.setattr(fsdp_setup, "STEPS", 3)
     ref = fsdp_setup.train("mlp", group_values=True)
-    sharded = fsdp_setup.train("mlp", shard=shard, group_values=True)
+    wrap = (lambda model, blocks: shard(model, blocks + [model[2]])) if own_unit else shard
+    sharded = fsdp_setup.train("mlp", shard=wrap, group_values=True)
     assert "jvp" in [row.rule for row in ref.report()]
     assert np.abs(sharded.values - ref.values).max() <= 1e-5 * np.abs(ref.values).max()
     assert np.abs(sharded.group_values - ref.group_values).max() <= 1e-5 * np.abs(ref.values).max()
+    assert np.abs(ref.group_values[:, 2]).max() > 0  # the replayed layer's own part is there
 
 
 def sharded_model(kind="mlp"):
@@ -74,14 +77,6 @@ def test_options_without_a_sharded_form_are_refused(group_of_one, options, messa
     model, opt, val, loss_fn = sharded_model()
     with pytest.raises(ConfigurationError, match=message):
         ShapleyTracker(model, opt, val_data=val, val_loss_fn=loss_fn, **options)
-
-
-def test_a_replayed_layer_that_is_its_own_fsdp_unit_is_refused(group_of_one):
-    model, blocks, _, val, loss_fn = fsdp_setup.make("mlp")
-    model.insert(2, Gate(24))
-    shard(model, blocks + [model[2]])
-    with pytest.raises(UnsupportedModuleError, match="2"):
-        ShapleyTracker(model, torch.optim.AdamW(model.parameters()), val_data=val, val_loss_fn=loss_fn)
 
 
 class ZeroOptimizer:
