@@ -3,8 +3,10 @@
 For any module ``y = f(a; theta)`` whose rows do not interact (row n of y depends only on row n
 of the inputs), ``<dL_n/dtheta, M> = <b_n, J_theta f(a_n) M>``: one forward-mode pass of the
 module on its captured inputs per direction, exact. The forward is replayed with the random
-state of the original call so dropout inside the module draws the same mask, and with
-scaled-dot-product attention on its math kernel (the fused kernels have no forward-mode rule).
+state of the original call so dropout inside the module draws the same mask, under the autocast
+the call ran under (mixed precision: GPT-2's ``Conv1D`` multiplies bf16 activations by fp32
+weights only through autocast), and with scaled-dot-product attention on its math kernel (the
+fused kernels have no forward-mode rule).
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ class JVPRule(CaptureRule):
                 return tuple(outs[k] for k in slots)  # jvp takes floating tensor outputs only
 
             try:
-                with _replay_rng(capture.rng_state), self.replay_context():
+                with _replay_rng(capture.rng_state), self.replay_context(), capture.replay_autocast():
                     _, out_tangents = jvp(forward, (params,), (tangents,))
             except NotImplementedError as err:  # an operation without a forward-mode derivative
                 raise UnsupportedModuleError(

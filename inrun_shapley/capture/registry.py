@@ -19,6 +19,7 @@ Adding a layer kind is adding one small subclass of :class:`CaptureRule` decorat
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -37,6 +38,8 @@ class Capture:
             for an output that received no gradient). Filled during backward.
         rng_state: CPU (and CUDA) random state at the start of the call, kept only for rules that
             re-run the module's forward (so dropout inside a custom module replays its mask).
+        autocast: ``(device type, dtype)`` of the autocast the call ran under, kept for rules that
+            re-run the forward (mixed precision), else None.
         per_sample: the call had no batch dimension and an op broadcast its outputs over the
             batch: ``args``/``kwargs`` were expanded to the batch's samples, and ``grad_outputs``
             hold each sample's output gradient gathered at that op (see
@@ -48,6 +51,14 @@ class Capture:
     grad_outputs: list = field(default_factory=list)
     rng_state: Any = None
     per_sample: bool = False
+    autocast: tuple | None = None
+
+    def replay_autocast(self):
+        """Context that replays the call's autocast (``torch.autocast(device_type, dtype)`` when
+        the call ran under one: its ops then see the same mixed dtypes), else nothing."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.autocast[0], dtype=self.autocast[1])
 
     @property
     def grad_output(self) -> Tensor:
@@ -61,6 +72,15 @@ class Capture:
     def complete(self) -> bool:
         """True once backward delivered a gradient for at least one output."""
         return any(g is not None for g in self.grad_outputs)
+
+
+def autocast_state(inputs: list) -> tuple | None:
+    """``(device type, dtype)`` of the autocast active now for the device of ``inputs``' first
+    tensor (None when autocast is off): kept by rules that replay a module's forward."""
+    device_type = next((t.device.type for t in inputs if isinstance(t, Tensor)), "cpu")
+    if torch.is_autocast_enabled(device_type):
+        return device_type, torch.get_autocast_dtype(device_type)
+    return None
 
 
 class CaptureRule:

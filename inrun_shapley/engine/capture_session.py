@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from inrun_shapley.batches import detach, leading_dim
 from inrun_shapley.capture import Capture
+from inrun_shapley.capture.registry import autocast_state
 from inrun_shapley.capture.norm import BATCH_STATISTICS, uses_batch_statistics
 from inrun_shapley.capture.outputs import map_outputs, tensor_leaves
 from inrun_shapley.capture.sites import residual_ok
@@ -276,7 +277,8 @@ class CaptureSession:
             rows != n_ids or (off_graph and bool(inputs) and _storage(inputs[0]) not in self.open.inputs))
         if shared:
             args, kwargs, output = self._expand_shared(name, module, args, kwargs, output, n_ids)
-        cap = Capture(args=detach(args), kwargs=detach(kwargs), rng_state=self._rng_states.pop(name, None))
+        cap = Capture(args=detach(args), kwargs=detach(kwargs), rng_state=self._rng_states.pop(name, None),
+                      autocast=autocast_state(inputs) if rule.needs_rng else None)
         outputs = tensor_leaves(output)
         cap.grad_outputs = [None] * len(outputs)
         for j, out in enumerate(outputs):
