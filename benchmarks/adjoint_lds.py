@@ -7,6 +7,7 @@ Run::
                                                      # M=50 retrained models, AdamW, 300 steps
     python -m benchmarks.adjoint_lds --quick         # smoke run (tiny setup, seconds)
     python -m benchmarks.adjoint_lds --no-peers      # skip kronfluence / TracIn
+    python -m benchmarks.adjoint_lds --removals 0.01,0.05,0.1,0.5   # + LDS at small removals (default)
 
 One full-data training run (the harness's ``train_full``, bitwise the cached run) carries a
 :class:`~inrun_shapley.ShapleyTracker` with ``per_query=True`` (validation rows = the queries,
@@ -19,6 +20,15 @@ at LDS), no damping, the other Jacobians, the replayed ``every=10`` recording, a
 steps only. Every row's time is wall-clock of its own computation on top of the training run
 (the training row: the whole run with the tracker and the recorders), memory the peak RSS
 increase (``quality.PeakRSS``).
+
+**Small removals** (issue 27, :mod:`benchmarks.small_removals`): every score matrix is also judged
+on retrainings with 1 %, 5 %, 10 % (and 50 %) of the rows removed under MAGIC's protocol (the full
+run's seed, batch order and batch boundaries; a removed row weighted 0 in its batch mean, the
+denominator unchanged), next to the harness's own α = 0.5 subsets (reshuffled batch order). Two
+rows choose the curvature damping from the recording (``damping="replay"``: exact replays of a
+few 5 % removals, the candidate with the smallest measured prediction error; no LDS involved),
+and the table under it gives that measured error (median over queries of |actual − predicted| /
+|actual|, root mean square over 4 replayed removals) at each fraction, the stated error estimate.
 """
 
 from __future__ import annotations
@@ -34,10 +44,11 @@ import time
 import numpy as np
 import torch
 
-from benchmarks import lds_harness, quality
+from benchmarks import lds_harness, quality, small_removals
 from benchmarks.common import cli
 from inrun_shapley import ShapleyTracker
-from inrun_shapley.posthoc.adjoint import adjoint_influence
+from inrun_shapley.metrics import spearman
+from inrun_shapley.posthoc.adjoint import adjoint_influence, removal_check
 from inrun_shapley.trajectory import Recording, TrajectoryRecorder
 
 
@@ -71,15 +82,52 @@ class Recorded(lds_harness.TrainCallback):
         self.tracker.detach()
 
 
+def small_table(setup, kept: dict, infos: dict, rec, fractions: list[float], n_models: int) -> None:
+    """LDS of every kept score matrix at each removed fraction (MAGIC's protocol), then the
+    replay-measured prediction error of the adjoint rows (the stated error estimate)."""
+    t0 = time.perf_counter()
+    judged = {f: small_removals.removal_setup(setup, f, n_models, verbose=True) for f in fractions}
+    print(f"retrainings under MAGIC's protocol: {time.perf_counter() - t0:.1f} s (cached afterwards); weighted loop "
+          f"at w = 1 vs the cached full run: max |margin diff| {small_removals.protocol_check(setup):.1e}")
+    head = " | ".join(f"{100 * f:g}% removed" for f in fractions)
+    lines = [f"| method | harness α = 0.5 (reshuffled) | {head} |", "|---|---|" + "---|" * len(fractions)]
+    for name, scores in kept.items():
+        cells = " | ".join(f"{judged[f].evaluate(scores).mean:.3f}" for f in fractions)
+        lines.append(f"| {name} | {setup.evaluate(scores).mean:.3f} | {cells} |")
+    print("\n".join(lines))
+    for name, info in infos.items():
+        if "damping_errors" in info:
+            errs = ", ".join(f"ρ {r:g}: {e:.3f}" for r, e in info["damping_errors"].items())
+            print(f"  {name}: replay-measured median relative error at 5 % probes {errs} -> ρ = {info['rho']:g}")
+    args = (setup.model(), rec, setup.train_set, lds_harness.loss_fn, setup.query_set, lds_harness.margin_fn)
+    small = [f for f in fractions if f < 0.5]
+    lines = [f"| scores | {' | '.join(f'{100 * f:g}%: median rel. error' for f in small)} | "
+             "Spearman(per-query error, per-query LDS) at the same fraction |", "|---|" + "---|" * (len(small) + 1)]
+    for name in [n for n in kept if n.startswith("adjoint") and ("replay" in n or "default" in n or "rho=1" in n)
+                 and "fixed" not in n]:
+        cells, corr = [], []
+        for f in small:
+            check = removal_check(kept[name], *args, fraction=f, probes=4, seed=1)
+            cells.append(f"{np.median(check.relative):.3f}")
+            per_q = judged[f].evaluate(kept[name]).per_query
+            corr.append(f"{spearman(check.relative, per_q):.2f}")
+        lines.append(f"| {name} | {' | '.join(cells)} | {', '.join(corr)} |")
+    print("\n".join(lines))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     cli.add_quick(p)
     p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--removals", default="0.01,0.05,0.1,0.5",
+                   help="removed fractions judged under MAGIC's protocol ('' = none)")
+    p.add_argument("--removal-models", type=int, default=50, help="retrainings per removed fraction")
+    p.add_argument("--cache-dir", default=str(lds_harness.DEFAULT_CACHE))
     cli.add_seed(p)
     cli.add_threads(p)
     args = p.parse_args(argv)
     cli.set_threads(args.threads)
-    setup = lds_harness.build_setup(lds_harness.DEFAULT_CACHE, seed=args.seed, quick=args.quick)
+    setup = lds_harness.build_setup(args.cache_dir, seed=args.seed, quick=args.quick)
     root = pathlib.Path(tempfile.mkdtemp(prefix="adjoint_lds_"))
     rows: list[quality.Row] = []
     notes: dict[str, str] = {}
@@ -119,16 +167,22 @@ def main(argv=None) -> None:
         "adjoint full (real-run derivative), rho=1": adjoint("full", recs[1], jacobian="full", damping=1.0),
         "adjoint loo J, auto, replayed every=10": adjoint("every10", recs[10]),
         "adjoint loo J, auto, last 100 steps": adjoint("last100", recs[1], last_steps=100),
+        "adjoint full J, damping=replay (5% probes)": adjoint("full_replay", recs[1], jacobian="full",
+                                                              damping="replay"),
+        "adjoint loo J, damping=replay (5% probes)": adjoint("loo_replay", recs[1], damping="replay"),
     }
+    if args.quick:  # a smoke run: the default, the exact derivative and the replay-chosen damping
+        methods = {k: v for k, v in methods.items() if "default" in k or "full" in k or k.startswith("in-run")}
     if not args.no_peers:
         from benchmarks import peers
 
         methods["grad dot (last ckpt)"] = peers.grad_dot
         methods["TracIn (20 ckpts)"] = peers.tracin_checkpoints
         methods["kronfluence EK-FAC"] = peers.kronfluence_ekfac
+    kept: dict[str, np.ndarray] = {}
     for name, fn in methods.items():
         print(f"[{name}] ...", file=sys.stderr, flush=True)
-        row = quality.run_method(name, fn, setup, None)
+        row = quality.run_method(name, lambda s, fn=fn, name=name: kept.setdefault(name, fn(s)), setup, None)
         rows.append(row)
     # -- table
     print(f"LDS setup: {setup.n_train} train / {setup.n_queries} queries, {len(setup.subsets)} models on alpha=0.5 "
@@ -139,6 +193,9 @@ def main(argv=None) -> None:
         print(f"  {name}: rho={info.get('rho'):.4g}, power-iteration radii of eta*J*H at 8 steps: "
               f"{', '.join(f'{r:.3g}' for r in radii) if radii else '-'}; steps {info.get('steps')}; "
               f"replay error {info.get('replay_error', 0):.2e}")
+    fractions = [float(f) for f in args.removals.split(",") if f.strip()]
+    if fractions:
+        small_table(setup, kept, infos, recs[1], fractions, args.removal_models)
     print(f"machine: {quality.machine()}")
     shutil.rmtree(root, ignore_errors=True)
 

@@ -5,6 +5,12 @@ Run::
     python -m benchmarks.bif_lds                      # full harness (cached), a few minutes
     python -m benchmarks.bif_lds --quick              # smoke run
     python -m benchmarks.bif_lds --plot /tmp/bif_lds.png
+    python -m benchmarks.bif_lds --part defaults --search   # issue 27: defaults vs tuned, vs EK-FAC
+
+``--part defaults`` (:mod:`benchmarks.bif_defaults`) prints what the self-configuring defaults
+(``BIFConfig()``, every sampler setting ``"auto"``) give against the defaults before them and
+against the best setting found by a search over the posterior (nβ, γ), then BIF with a time
+budget of 1×, 2× and 4× kronfluence EK-FAC's measured time.
 
 Same harness, cache and observable as ``benchmarks.quality`` (query margin, ``.influence``
 scored, SGLD minibatches of 64 from a shuffling DataLoader). Four tables, one process:
@@ -129,10 +135,19 @@ def main(argv=None) -> None:
     p.add_argument("--draws", default="50,100,200,400", help="draws per chain along the curve")
     p.add_argument("--plot", default=None, help="PNG of LDS vs time")
     p.add_argument("--cache-dir", default=str(lds_harness.DEFAULT_CACHE))
+    p.add_argument("--part", choices=["all", "defaults"], default="all",
+                   help="all: the issue-17 tables; defaults: defaults vs tuned and vs EK-FAC (issue 27)")
+    p.add_argument("--search", action="store_true", help="with --part defaults: run the (nβ, γ) search too")
     cli.add_threads(p)
     args = p.parse_args(argv)
     cli.set_threads(args.threads)
     setup = lds_harness.build_setup(args.cache_dir, quick=args.quick)
+    if args.part == "defaults":
+        from benchmarks import bif_defaults
+
+        print(f"command: {cli.command_line('bif_lds', argv)}; torch threads {torch.get_num_threads()}")
+        bif_defaults.main(setup, quick=args.quick, search=args.search)
+        return
     base = ours.bif_config()
     draws = [int(d) for d in args.draws.split(",")]
     if args.quick:

@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from inrun_shapley.errors import ConfigurationError
+from inrun_shapley.posthoc.bif.auto import auto_fields, resolve
 from inrun_shapley.posthoc.bif.batched import BatchedSGLDSampler
 from inrun_shapley.posthoc.bif.config import BIFConfig, LossFn, ParamSelection, default_n_beta
 from inrun_shapley.posthoc.bif.control_variate import CoupledGaussianCV
@@ -135,13 +136,27 @@ def bayesian_influence(
             n_beta = default_n_beta(batch_size)
 
     snapshot = ModelSnapshot(model, selected)
-    control = None
+    control, tuning = None, None
     try:
         snapshot.enter_sampling_mode()
+        if auto_fields(cfg):
+            def sequential(c: BIFConfig) -> SGLDSampler:
+                sampler = SGLDSampler(model, loss_fn, observable_fn, train_loader, train_samples, queries, c,
+                                      snapshot, n_beta)
+                sampler.measure_anchor()
+                return sampler
+
+            if n_beta is None:
+                n_beta = _first_batch_n_beta(loss_fn, model, train_loader)
+            cfg, tuning, grads = resolve(cfg, sequential, n_beta,
+                                         lambda s, c, g: _control_variate(s, c, g, selected), start)
+            snapshot.reset_to_anchor()
+        else:
+            grads = None
         args = (model, loss_fn, observable_fn, train_loader, train_samples, queries, cfg, snapshot, n_beta)
         sampler = _make_sampler(cfg, selected, args)
         if cfg.control_variate is not None:
-            control = _control_variate(sampler, selected, cfg)
+            control, _ = _control_variate(sampler, cfg, grads, selected)
             sampler.control_variate = control
         n_x, n_y = sampler.ref_x.shape[0], sampler.ref_y.shape[0]
         elements = cfg.chains * cfg.draws * (n_x + n_y)
@@ -180,6 +195,7 @@ def bayesian_influence(
         batched=isinstance(sampler, BatchedSGLDSampler),
         sampling_seconds=sampling_seconds,
         observable_named=observable_named,
+        tuning=tuning,
     )
 
 
@@ -206,22 +222,29 @@ def _make_sampler(cfg: BIFConfig, selected: list, args: tuple) -> SGLDSampler:
         return sequential
 
 
-def _control_variate(sampler: SGLDSampler, selected: list, cfg: BIFConfig) -> CoupledGaussianCV:
-    """The coupled-chain control variate, with the per-sample gradients of every traced value at w*."""
-    names = [n for n, _ in selected]
-    functional = FunctionalModel(sampler.model, names)
-    anchor = dict(zip(names, sampler.snapshot.anchors))
-    size = cfg.eval_batch_size
-    grad_x = per_sample_jacobian(functional, sampler.loss_fn, anchor, sampler.train_samples, size,
-                                 "train_samples", True)
-    grad_y = per_sample_jacobian(functional, sampler.observable_fn, anchor, sampler.queries, size,
-                                 "queries", False)
+def _first_batch_n_beta(loss_fn: LossFn, model: nn.Module, train_loader: Any) -> float:
+    """The default nβ = B/log B from the size of the first training batch."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        return default_n_beta(len(loss_fn(model, next(iter(train_loader)))))
+
+
+def _control_variate(sampler: SGLDSampler, cfg: BIFConfig, grads: Optional[tuple], selected: list) -> tuple:
+    """``(control variate, (grad_x, grad_y))``: the coupled-chain control variate, with the
+    per-sample gradients of every traced value at w* (computed unless ``grads`` are given)."""
+    if grads is None:
+        names = [n for n, _ in selected]
+        functional = FunctionalModel(sampler.model, names)
+        anchor = dict(zip(names, sampler.snapshot.anchors))
+        size = cfg.eval_batch_size
+        grads = (per_sample_jacobian(functional, sampler.loss_fn, anchor, sampler.train_samples, size,
+                                     "train_samples", True),
+                 per_sample_jacobian(functional, sampler.observable_fn, anchor, sampler.queries, size,
+                                     "queries", False))
     if sampler.n_beta is None:
-        batch = next(iter(sampler.train_loader))
-        with torch.no_grad():
-            sampler.n_beta = default_n_beta(len(sampler.loss_fn(sampler.model, batch)))
-    return CoupledGaussianCV(cfg.control_variate, grad_x, grad_y, cfg.chains, cfg.step_size, cfg.gamma,
-                             sampler.n_beta)
+        sampler.n_beta = _first_batch_n_beta(sampler.loss_fn, sampler.model, sampler.train_loader)
+    control = CoupledGaussianCV(cfg.control_variate, grads[0], grads[1], cfg.chains, cfg.step_size, cfg.gamma,
+                                sampler.n_beta)
+    return control, grads
 
 
 __all__ = ["bayesian_influence"]

@@ -11,6 +11,9 @@ from torch import nn
 
 from inrun_shapley.errors import ConfigurationError
 
+AUTO_ABLE = ("step_size", "thin")
+"""Positive-number fields that also accept ``"auto"`` (gamma, draws, burn_in, control_variate are checked apart)."""
+
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 """``fn(model, batch) -> per-sample loss`` with ``reduction="none"``: shape ``[B]`` or ``[B, ...]``."""
 
@@ -22,19 +25,29 @@ ParamSelection = Union[str, Sequence[str], Callable[[str, nn.Parameter], bool], 
 class BIFConfig:
     """Settings of the SGLD sampler and of the covariance accumulation.
 
+    Fields marked *auto* default to ``"auto"``: :func:`bayesian_influence` then sets them from the
+    model's own measurements and a short pilot run (:mod:`~inrun_shapley.posthoc.bif.auto`: the
+    rules, none of which looks at attribution quality), and records what it chose in
+    :attr:`BIFResult.tuning`; any number given is used as is.
+
     Attributes:
-        step_size: SGLD step size ε (units of parameter² per unit of potential). Keep
+        step_size: *auto*. SGLD step size ε (units of parameter² per unit of potential). Keep
             ``step_size * gamma`` ≲ 0.1 for small models; a larger ε mixes faster but biases the
             covariance by about ``ε·λ/4`` relative along an eigen-direction with posterior
             precision λ.
         n_beta: nβ, the inverse temperature times the dataset size, multiplying the *mean*
             training loss. ``None`` = ``B / log(B)`` with B the training batch size.
-        gamma: γ, strength of the localizing Gaussian ``γ/2·‖w − w*‖²`` (1 / parameter²).
+        gamma: *auto*. γ, strength of the localizing Gaussian ``γ/2·‖w − w*‖²`` (1 / parameter²).
         chains: C, number of independent chains, each started from w*.
-        draws: T, recorded draws per chain (after burn-in and thinning).
-        burn_in: SGLD steps discarded at the start of each chain; ``None`` = ``draws``.
-        thin: record every ``thin``-th SGLD step after burn-in (steps per chain:
+        draws: *auto*. T, recorded draws per chain (after burn-in and thinning).
+        burn_in: *auto*. SGLD steps discarded at the start of each chain; ``None`` = ``draws``.
+        thin: *auto*. Record every ``thin``-th SGLD step after burn-in (steps per chain:
             ``burn_in + draws * thin``).
+        budget_s: wall-clock seconds the whole call may take (measurements, pilot and
+            sampling), used when ``draws`` is ``"auto"``; ``None`` = draw until about
+            ``target_ess`` effective draws are pooled.
+        target_ess: effective pooled draws aimed at when ``draws`` is ``"auto"`` and no budget is
+            given.
         seed: base seed. Chain c draws its Gaussian noise from a ``torch.Generator`` seeded with a
             hash of ``(seed, c)`` (numpy ``SeedSequence``), so different seeds never share chains,
             and runs the chain under ``torch.random.fork_rng`` seeded the same way, so a shuffling
@@ -67,20 +80,21 @@ class BIFConfig:
             cannot be vmapped; ``None`` = batched when the model evaluates the same under
             ``torch.func.vmap`` at w* (one extra call of each function) and all sampled parameters
             share one device, else one chain after another with a warning.
-        control_variate: ``None``, ``"prior"`` or ``"diagonal"``: subtract the zero-mean control
+        control_variate: *auto* (``"diagonal"`` when its gradients fit in memory).
+            ``None``, ``"prior"`` or ``"diagonal"``: subtract the zero-mean control
             variate of a coupled Gaussian chain driven by the same noise
             (:mod:`~inrun_shapley.posthoc.bif.control_variate`; unbiased, needs ``gamma > 0`` and
             per-sample gradients of every traced value at w*, ``(n_train + n_observables) × d``
             numbers).
     """
 
-    step_size: float = 1e-4
+    step_size: Union[float, str] = "auto"
     n_beta: Optional[float] = None
-    gamma: float = 1e3
+    gamma: Union[float, str] = "auto"
     chains: int = 4
-    draws: int = 200
-    burn_in: Optional[int] = None
-    thin: int = 1
+    draws: Union[int, str] = "auto"
+    burn_in: Union[int, str, None] = "auto"
+    thin: Union[int, str] = "auto"
     seed: int = 0
     dataset_size: Optional[int] = None
     params: ParamSelection = None
@@ -91,14 +105,16 @@ class BIFConfig:
     divergence_floor: float = 1.0
     trace_dtype: torch.dtype = torch.float32
     batched: Optional[bool] = False
-    control_variate: Optional[str] = None
+    control_variate: Optional[str] = "auto"
+    budget_s: Optional[float] = None
+    target_ess: int = 400
 
     def __post_init__(self) -> None:
         problems = []
 
         def positive(name: str, allow_none: bool = False, integer: bool = False) -> None:
             value = getattr(self, name)
-            if value is None and allow_none:
+            if (value is None and allow_none) or (value == "auto" and name in AUTO_ABLE):
                 return
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
             if ok and integer:
@@ -113,24 +129,27 @@ class BIFConfig:
         positive("thin", integer=True)
         positive("dataset_size", allow_none=True, integer=True)
         positive("eval_batch_size", allow_none=True, integer=True)
+        positive("budget_s", allow_none=True)
+        positive("target_ess", integer=True)
         positive("max_traces_in_memory", integer=True)
         positive("divergence_factor")
         positive("divergence_floor")
-        if not isinstance(self.gamma, (int, float)) or not math.isfinite(self.gamma) or self.gamma < 0:
-            problems.append(f"gamma must be a finite number >= 0, got {self.gamma!r}")
-        if not isinstance(self.draws, int) or self.draws < 4:
-            problems.append(f"draws must be an integer >= 4 (split-R̂ needs two halves), got {self.draws!r}")
-        if self.burn_in is not None and (not isinstance(self.burn_in, int) or self.burn_in < 0):
-            problems.append(f"burn_in must be None or an integer >= 0, got {self.burn_in!r}")
+        if self.gamma != "auto" and (not isinstance(self.gamma, (int, float)) or isinstance(self.gamma, bool)
+                                     or not math.isfinite(self.gamma) or self.gamma < 0):
+            problems.append(f"gamma must be 'auto' or a finite number >= 0, got {self.gamma!r}")
+        if self.draws != "auto" and (not isinstance(self.draws, int) or self.draws < 4):
+            problems.append(f"draws must be 'auto' or an integer >= 4 (split-R̂ needs two halves), got {self.draws!r}")
+        if self.burn_in not in (None, "auto") and (not isinstance(self.burn_in, int) or self.burn_in < 0):
+            problems.append(f"burn_in must be 'auto', None or an integer >= 0, got {self.burn_in!r}")
         if not isinstance(self.seed, int):
             problems.append(f"seed must be an integer, got {self.seed!r}")
         if self.online not in (None, True, False):
             problems.append(f"online must be None, True or False, got {self.online!r}")
         if self.batched not in (None, True, False):
             problems.append(f"batched must be None, True or False, got {self.batched!r}")
-        if self.control_variate not in (None, "prior", "diagonal"):
-            problems.append(f"control_variate must be None, 'prior' or 'diagonal', got {self.control_variate!r}")
-        if self.control_variate is not None and not self.gamma > 0:
+        if self.control_variate not in (None, "prior", "diagonal", "auto"):
+            problems.append(f"control_variate must be 'auto', None, 'prior' or 'diagonal', got {self.control_variate!r}")
+        if self.control_variate in ("prior", "diagonal") and self.gamma != "auto" and not self.gamma > 0:
             problems.append("control_variate needs gamma > 0 (the coupled chain needs a stationary law)")
         if not isinstance(self.trace_dtype, torch.dtype) or not self.trace_dtype.is_floating_point:
             problems.append(f"trace_dtype must be a floating torch.dtype, got {self.trace_dtype!r}")
@@ -139,7 +158,14 @@ class BIFConfig:
 
     @property
     def resolved_burn_in(self) -> int:
-        """Burn-in steps actually used (``draws`` when ``burn_in`` is None)."""
+        """Burn-in steps actually used (``draws`` when ``burn_in`` is None).
+
+        Raises:
+            ConfigurationError: a field it depends on is still ``"auto"``.
+        """
+        if "auto" in (self.burn_in, self.draws if self.burn_in is None else 0, self.thin):
+            raise ConfigurationError("BIFConfig: burn_in, draws or thin is still 'auto'; bayesian_influence resolves "
+                                     "them (see BIFResult.config for the values it chose).")
         return self.draws if self.burn_in is None else self.burn_in
 
     @property

@@ -38,6 +38,8 @@ class BIFResult:
         sampling_seconds: wall time of the SGLD steps and draws alone (no setup, no reduction).
         observable_named: whether ``observable_fn`` was given (else the observable is the query
             loss, and :attr:`helpfulness` is minus ``influence``).
+        tuning: what the ``"auto"`` fields of the config were set to and the measurements behind
+            them (:mod:`~inrun_shapley.posthoc.bif.auto`); None when every field was given.
 
     ``bif``, ``correlation`` and ``influence`` keep the covariance's own sign (positive = raises
     the observable); :attr:`helpfulness` is the one to rank by, oriented like every other score
@@ -57,6 +59,7 @@ class BIFResult:
     batched: bool = False
     sampling_seconds: float = float("nan")
     observable_named: bool = False
+    tuning: Optional[dict] = None
 
     @property
     def helpfulness(self) -> np.ndarray:
@@ -111,6 +114,13 @@ class BIFResult:
         lines.append(f"time: {self.seconds:.2f} s ({self.draws_per_second:.0f} draws/s, "
                      f"{'batched' if self.batched else 'sequential'} chains"
                      f"{', control variate ' + cfg.control_variate if cfg.control_variate else ''})")
+        if self.tuning is not None:
+            t = self.tuning
+            lines.append(f"auto settings ({', '.join(t['auto'])}): largest minibatch-Hessian eigenvalue "
+                         f"{t['curvature']:.3g}, |w*| {t['weight_norm']:.3g} over {t['d']} parameters"
+                         + (f", pilot tau {t['tau_steps']:.1f} steps" if "tau_steps" in t else ""))
+            if t.get("budget_too_small"):
+                lines.append("warning: budget_s leaves fewer than 20 draws per chain; the minimum was used.")
         if not (d.rhat < 1.05):
             lines.append("warning: R-hat >= 1.05: chains disagree; raise burn_in or draws, or gamma.")
         if not (d.ess >= 100):

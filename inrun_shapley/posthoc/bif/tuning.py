@@ -110,8 +110,9 @@ def choose_config(
     from inrun_shapley.posthoc.bif.api import bayesian_influence
 
     cfg = base if base is not None else BIFConfig()
-    if cfg.n_beta is None:
-        raise ConfigurationError("choose_config needs base.n_beta set (it is part of the posterior asked for).")
+    if cfg.n_beta is None or cfg.gamma == "auto":
+        raise ConfigurationError("choose_config needs base.n_beta and base.gamma set (they are the posterior asked "
+                                 "for); bayesian_influence with the 'auto' defaults chooses them itself.")
     if not 0 < bias_tolerance < 1 or pilot_draws < 20:
         raise ConfigurationError("choose_config: bias_tolerance must be in (0, 1) and pilot_draws >= 20.")
     selected = select_params(model, params if params is not None else cfg.params)

@@ -60,11 +60,11 @@ def test_batched_refuses_or_falls_back_for_a_model_vmap_cannot_run():
 
     with pytest.raises(ConfigurationError, match="batched=False"):
         bayesian_influence(model, _squared, loader, train, queries, observable_fn=observable,
-                           config=BIFConfig(**FAST, batched=True), progress=False)
+                           config=BIFConfig(**FAST, batched=True, control_variate=None), progress=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = bayesian_influence(model, _squared, loader, train, queries, observable_fn=observable,
-                                 config=BIFConfig(**FAST, batched=None), progress=False)
+                                 config=BIFConfig(**FAST, batched=None, control_variate=None), progress=False)
     assert not res.batched and any("one after another" in str(w.message) for w in caught)
 
 

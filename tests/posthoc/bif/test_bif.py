@@ -73,8 +73,8 @@ def test_linear_gaussian_matches_exact_stationary_covariance():
     residual = x @ w_star - y
     exact_cov = residual[:, None] * (x @ stationary @ a.T)
 
-    cfg = BIFConfig(step_size=eps, n_beta=n_beta, gamma=gamma, chains=4, draws=1500, burn_in=50,
-                    seed=0, trace_dtype=F64)
+    cfg = BIFConfig(step_size=eps, n_beta=n_beta, gamma=gamma, chains=4, draws=1500, burn_in=50, thin=1,
+                    control_variate=None, seed=0, trace_dtype=F64)
     res = bayesian_influence(model, squared_loss, DataLoader(TensorDataset(x, y), batch_size=n),
                              (x, y), a, config=cfg, observable_fn=lambda m, b: m(b).squeeze(-1),
                              progress=False)
@@ -104,7 +104,7 @@ def test_linear_regression_query_losses_match_closed_form_posterior():
 
     loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
     cfg = BIFConfig(step_size=4e-3, n_beta=n_beta, gamma=gamma, chains=4, draws=1200, burn_in=100,
-                    thin=2, seed=0)
+                    thin=2, seed=0, control_variate=None)
     res = bayesian_influence(model, squared_loss, loader, (x, y), (xq, yq), config=cfg, progress=False)
     r = pearson(-res.bif.numpy(), exact_cov.numpy())
     # ≈ 0.997 over sampler seeds 0-3 (0.998-0.999 with 5x the draws: the gap is Monte Carlo error).
@@ -189,7 +189,7 @@ def test_logistic_digits_matches_damped_influence_function(digits_logistic):
     results = []
     for seed in (0, 1):
         cfg = BIFConfig(step_size=2e-3, n_beta=n_beta, gamma=gamma, chains=4, draws=300, burn_in=100,
-                        thin=3, seed=seed)
+                        thin=3, seed=seed, control_variate=None)
         results.append(bayesian_influence(model, loss_fn, loader, train, queries, config=cfg, progress=False))
     per_query = [spearman(results[0].bif[:, q], exact[:, q]) for q in range(exact.shape[1])]
     stability = rank_stability(results[0], results[1])
@@ -239,7 +239,7 @@ def small_problem():
     return model, loader, (x[:10], y[:10]), (x[10:14], y[10:14])
 
 
-FAST = dict(step_size=2e-3, n_beta=12.0, gamma=50.0, chains=2, draws=40, burn_in=10)
+FAST = dict(step_size=2e-3, n_beta=12.0, gamma=50.0, chains=2, draws=40, burn_in=10, thin=1, control_variate=None)
 
 
 def test_online_accumulation_equals_in_memory(small_problem):
@@ -350,11 +350,12 @@ def test_default_n_beta_from_batch_size(small_problem):
     [
         (dict(step_size=0.0), "step_size must be a positive"),
         (dict(step_size=float("nan")), "step_size must be a positive"),
-        (dict(gamma=-1.0), "gamma must be a finite number >= 0"),
+        (dict(gamma=-1.0), "gamma must be 'auto' or a finite number >= 0"),
         (dict(n_beta=-2.0), "n_beta must be a positive"),
         (dict(chains=0), "chains must be a positive integer"),
-        (dict(draws=3), "draws must be an integer >= 4"),
-        (dict(burn_in=-1), "burn_in must be None or an integer >= 0"),
+        (dict(draws=3), "draws must be 'auto' or an integer >= 4"),
+        (dict(burn_in=-1), "burn_in must be 'auto', None or an integer >= 0"),
+        (dict(budget_s=0.0), "budget_s must be a positive"),
         (dict(thin=0), "thin must be a positive integer"),
         (dict(online="yes"), "online must be None, True or False"),
         (dict(trace_dtype=torch.int32), "trace_dtype must be a floating"),

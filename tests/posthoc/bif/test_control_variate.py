@@ -54,7 +54,7 @@ def test_control_variate_is_unbiased_and_reduces_variance_on_linear_gaussian(kin
     for seed in range(30):
         common = dict(**post, chains=2, draws=40, burn_in=5, thin=2, seed=seed, trace_dtype=F64)
         kwargs = dict(config=None, observable_fn=lambda m, b: m(b).squeeze(-1), progress=False)
-        kwargs["config"] = BIFConfig(**common)
+        kwargs["config"] = BIFConfig(**common, control_variate=None)
         p = bayesian_influence(model, _squared, loader, train, a, **kwargs)
         kwargs["config"] = BIFConfig(**common, control_variate=kind)
         c = bayesian_influence(model, _squared, loader, train, a, **kwargs)

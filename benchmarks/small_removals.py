@@ -1,0 +1,83 @@
+"""LDS at small removals, as MAGIC measures it (DESIGN notes, issue 27).
+
+The harness of :mod:`benchmarks.lds_harness` retrains each subset model with its *own* batch
+order (``order_seed + 1 + m``), so two runs differ by far more than the removed rows: at a 1–5 %
+removal that training noise swamps the effect of the rows for every method alike. Here every
+retraining keeps the full run's seed, batch order and batch boundaries; a removed row stays in
+its batch with weight 0 and the batch mean keeps its denominator::
+
+    loss_s = Σ_{i ∈ B_s} w_i·ℓ_i / |B_s|,    w_i = 0 if i was removed else 1
+
+so the runs differ only by the removed rows (with ``w = 1`` the loop is the full-data run).
+
+:func:`removal_setup` draws ``n_models`` random removal sets of ``round(fraction·n_train)`` rows
+(seeded), retrains, and caches the query outputs next to the harness's cache
+(``<setup.path>/removal_<fraction>_<M>_<seed>.npz``). The result is an
+:class:`~benchmarks.lds_harness.LDSSetup` whose ``subsets`` are the *kept* rows, so
+``setup.evaluate(scores)`` is the usual LDS (Spearman across models of ``Σ_{kept} scores`` against
+the measured outputs, averaged over queries).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from benchmarks.lds_harness import LDSSetup, query_outputs
+
+
+def train_weighted(setup: LDSSetup, weights: torch.Tensor) -> torch.nn.Module:
+    """The full-data run of ``setup`` (same init, batch order and boundaries) with each row's loss
+    multiplied by ``weights [n_train]`` and the batch mean's denominator unchanged."""
+    recipe = setup.recipe
+    model = recipe.make_model()
+    model.train()
+    opt = recipe.make_optimizer(model.parameters())
+    x, y = setup.x_train, setup.y_train
+    for _epoch, b in recipe.batches(setup.train_ids):
+        opt.zero_grad(set_to_none=True)
+        loss = (weights[b] * F.cross_entropy(model(x[b]), y[b], reduction="none")).sum() / len(b)
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def removal_setup(setup: LDSSetup, fraction: float, n_models: int = 50, seed: int = 0,
+                  verbose: bool = False) -> LDSSetup:
+    """``setup`` judged on ``n_models`` retrainings with ``round(fraction·n_train)`` random rows
+    removed by weight 0 (module docstring), cached under ``setup.path``."""
+    n = setup.n_train
+    k = max(1, int(round(fraction * n)))
+    path = None if setup.path is None else setup.path / f"removal_{fraction:g}_{n_models}_{seed}.npz"
+    if path is not None and path.exists():
+        a = np.load(path)
+        kept, out_m, out_l = a["kept"], a["margin"], a["loss"]
+    else:
+        rng = np.random.default_rng(10_000 + seed)
+        kept = np.ones((n_models, n), dtype=bool)
+        out_m, out_l = np.zeros((n_models, setup.n_queries)), np.zeros((n_models, setup.n_queries))
+        t0 = time.perf_counter()
+        for m in range(n_models):
+            kept[m, rng.choice(n, size=k, replace=False)] = False
+            model = train_weighted(setup, torch.from_numpy(kept[m].astype(np.float32)))
+            out_m[m], out_l[m] = query_outputs(model, setup.x_query, setup.y_query)
+        if verbose:
+            print(f"  retrained {n_models} models with {k} rows removed ({time.perf_counter() - t0:.1f} s)", flush=True)
+        if path is not None:
+            np.savez(path, kept=kept, margin=out_m, loss=out_l)
+    return dataclasses.replace(setup, subsets=kept, outputs={"margin": out_m, "loss": out_l})
+
+
+def protocol_check(setup: LDSSetup) -> float:
+    """Largest |margin difference| between the weighted loop at ``w = 1`` and the cached full run
+    (0 up to rounding: the weighted loop is the full-data run)."""
+    model = train_weighted(setup, torch.ones(setup.n_train))
+    m, _ = query_outputs(model, setup.x_query, setup.y_query)
+    return float(np.abs(m - setup.full_outputs["margin"]).max())
+
+
+__all__ = ["protocol_check", "removal_setup", "train_weighted"]
