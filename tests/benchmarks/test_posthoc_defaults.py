@@ -48,3 +48,13 @@ def test_bif_defaults_quick_prints_default_vs_tuned(quick_setup, monkeypatch, ca
     assert "defaults now: `BIFConfig()`" in text and "best of the search" in text and "budget_s=1×5.0" in text
     for key in ("default", "tuned", "budget1"):
         assert np.isfinite(out[key][0]) and out[key][1] > 0
+
+
+@pytest.mark.slow
+def test_adjoint_gap_report_separates_noise_from_linearization(quick_setup, capsys):
+    adjoint_lds.main(["--quick", "--gap", "--removal-models", "4", "--cache-dir", str(quick_setup.path.parent)])
+    out = capsys.readouterr().out
+    agree = re.search(r"Spearman\(exact replay, float32 retraining\) ([-\d.]+)", out)
+    assert agree and float(agree.group(1)) > 0.99  # the protocol leaves no training noise
+    small = re.findall(r"δ = 0.001: ([\d.]+)", out)
+    assert small and all(float(v) < 0.01 for v in small)  # the scores are the derivative

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from inrun_shapley.errors import ConfigurationError
 from inrun_shapley.optim import adam, sgd
-from inrun_shapley.posthoc.adjoint.replay import Source
+from inrun_shapley.posthoc.adjoint.replay import Source, optimizer_step
 from inrun_shapley.posthoc.adjoint.stepper import GRAD_TOL, Stepper
 from inrun_shapley.posthoc.adjoint.work import Work, cast, check_model
 from inrun_shapley.trajectory import Recording
@@ -149,7 +149,6 @@ def replay_outputs(
     for st in steps:
         st.theta = st.grad = st.exp_avg = st.exp_avg_sq = st.max_exp_avg_sq = None  # ids and hyper only
     rows = [source.rows(st.ids) for st in steps]
-    family = adam if rec.optimizer == "adam" else sgd
 
     def run(wr: np.ndarray | None) -> Tensor:
         theta, states = _initial(rec, source, stepper, dtype)
@@ -163,15 +162,8 @@ def replay_outputs(
                         f"replay of step {st.step}: the recorded gradient norm is {st.grad_norm:.6g} but loss_fn on "
                         f"the recorded batch gives {norm:.6g} (gradient clipping, loss scaling, dropout, or another "
                         "loss_fn/reduction than in training?): the run cannot be replayed exactly")
-            deltas, after = [], []
-            for j, (th, gj) in enumerate(zip(theta.split(rec.numels), g.split(rec.numels))):
-                group = stepper.group(st, j)
-                if family is sgd and not st.had_buffer[j]:
-                    states[j] = {sgd.MOMENTUM_BUFFER: None}
-                deltas.append(family.update(gj, th, group, states[j]))
-                after.append(family.state_after_step(gj, th, group, states[j]))
-            states = after
-            theta = theta + torch.cat(deltas)
+            delta, states = optimizer_step(stepper, st, theta, g, states)
+            theta = theta + delta
         return theta
 
     base = run(None)

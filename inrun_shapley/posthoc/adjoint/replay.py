@@ -16,6 +16,22 @@ from inrun_shapley.posthoc.adjoint.work import cast, rows_of
 from inrun_shapley.trajectory import Recording, StepState
 
 
+def optimizer_step(stepper: Stepper, st: StepState, theta: torch.Tensor, g: torch.Tensor,
+                   states: list[dict]) -> tuple[torch.Tensor, list[dict]]:
+    """The recorded optimizer's step ``st`` at ``theta`` with gradient ``g`` (flat ``[P]``), from the
+    per-tensor ``states`` before it: ``(Δθ [P], states after it)``."""
+    rec = stepper.rec
+    family = adam if rec.optimizer == "adam" else sgd
+    deltas, after = [], []
+    for j, (th, gj) in enumerate(zip(theta.split(rec.numels), g.split(rec.numels))):
+        group = stepper.group(st, j)
+        if family is sgd and not st.had_buffer[j]:
+            states[j] = {sgd.MOMENTUM_BUFFER: None}
+        deltas.append(family.update(gj, th, group, states[j]))
+        after.append(family.state_after_step(gj, th, group, states[j]))
+    return torch.cat(deltas), after
+
+
 class Source:
     """Per-step states (oldest first within a segment), read or replayed from checkpoints."""
 
@@ -93,13 +109,7 @@ class Source:
                     "loss_fn/reduction than in training?). Record with every=1 for such runs."
                 )
             st.theta, st.grad = theta, g
-            deltas, after = [], []
-            for j, (th, gj) in enumerate(zip(theta.split(rec.numels), g.split(rec.numels))):
-                group = stepper.group(st, j)
-                if family is sgd and not st.had_buffer[j]:
-                    states[j] = {sgd.MOMENTUM_BUFFER: None}
-                deltas.append(family.update(gj, th, group, states[j]))
-                after.append(family.state_after_step(gj, th, group, states[j]))
+            delta, after = optimizer_step(stepper, st, theta, g, states)
             states = after
             if family is adam:
                 st.exp_avg = torch.cat([a[adam.EXP_AVG] for a in after])
@@ -107,7 +117,7 @@ class Source:
                 if any(adam.MAX_EXP_AVG_SQ in a for a in after):
                     st.max_exp_avg_sq = torch.cat([a.get(adam.MAX_EXP_AVG_SQ, a[adam.EXP_AVG_SQ]) for a in after])
             yield st
-            theta = theta + torch.cat(deltas)
+            theta = theta + delta
         if end == rec.last_step:
             ref = rec.final_theta().to(dt)
             self.max_replay_error = max(self.max_replay_error,

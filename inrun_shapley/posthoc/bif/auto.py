@@ -51,7 +51,7 @@ from inrun_shapley.posthoc.bif.tuning import best_thin, largest_precision
 
 AUTO = "auto"
 AUTO_FIELDS = ("step_size", "gamma", "burn_in", "thin", "draws", "control_variate")
-RELATIVE_SPREAD = 0.2
+RELATIVE_SPREAD = 0.5
 PRIOR_DOMINANCE = 10.0
 BIAS_TOLERANCE = 0.05
 CV_MEMORY_BYTES = 1 << 28

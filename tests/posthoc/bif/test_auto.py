@@ -97,14 +97,14 @@ def test_default_call_configures_itself_reproducibly():
     assert half.config.gamma == 50.0 and half.config.draws == 30 and "tau_steps" in half.tuning
 
 
-def test_budget_bounds_the_draws():
+def test_a_budget_too_small_is_reported_not_hidden():
+    """The budget arithmetic is checked exactly in the pure test above; end to end (timings on a
+    shared machine vary), a budget that cannot hold 20 draws per chain runs 20 and says so."""
     model, loader, train, queries, _ = problem()
-    small = bayesian_influence(model, _squared, loader, train, queries, progress=False,
-                               config=BIFConfig(budget_s=0.05))
-    large = bayesian_influence(model, _squared, loader, train, queries, progress=False,
-                               config=BIFConfig(budget_s=2.0))
-    assert small.config.draws < large.config.draws
-    assert large.seconds < 2.0 * 3 + 2.0  # loose: the machine is shared
+    res = bayesian_influence(model, _squared, loader, train, queries, progress=False,
+                             config=BIFConfig(budget_s=1e-3))
+    assert res.config.draws == 20 and res.tuning["budget_too_small"]
+    assert "budget_s leaves fewer than 20 draws" in res.summary()
 
 
 def test_unresolved_config_is_refused_where_numbers_are_needed():
