@@ -102,7 +102,7 @@ def replay_outputs(
     train_data,
     loss_fn: Callable,
     queries,
-    output_fn: Callable,
+    output_fn: Callable | None,
     weights,
     *,
     reduction: str = "mean",
@@ -113,7 +113,7 @@ def replay_outputs(
     Args:
         model, train_data, loss_fn, queries, output_fn, reduction: as in
             :func:`~inrun_shapley.posthoc.adjoint.adjoint_influence` (``model`` gives the
-            architecture; never modified).
+            architecture; never modified; ``output_fn`` None = minus the query loss).
         recording: the :class:`~inrun_shapley.trajectory.Recording` (``every=1`` or with a
             checkpoint before its first step) or its directory.
         weights: ``[R, n]`` per-sample weights, one replay per row (1 = as recorded, 0 = removed);
@@ -133,6 +133,8 @@ def replay_outputs(
     """
     rec = recording if isinstance(recording, Recording) else Recording.load(recording)
     check_model(model, rec)
+    if output_fn is None:  # the query's utility, as adjoint_influence's default
+        output_fn = lambda m, q: -loss_fn(m, q).reshape(-1)  # noqa: E731
     if reduction not in ("mean", "sum"):
         raise ConfigurationError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     dtype = dtype or rec.dtype
@@ -214,7 +216,7 @@ def removal_check(
     train_data,
     loss_fn: Callable,
     queries,
-    output_fn: Callable,
+    output_fn: Callable | None = None,
     *,
     fraction: float,
     probes: int = 4,
