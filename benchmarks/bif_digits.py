@@ -124,11 +124,12 @@ def main(argv=None) -> None:
     loader = DataLoader(TensorDataset(*train_set), batch_size=64, shuffle=True)
     scale = 4 if args.quick else 1
     settings = {
-        "defaults (eps=1e-4, nbeta=B/logB, gamma=1e3, 4x200)": BIFConfig(),
+        "defaults before issue 27 (eps=1e-4, nbeta=B/logB, gamma=1e3, 4x200)": BIFConfig(
+            step_size=1e-4, gamma=1e3, draws=200, burn_in=None, thin=1, control_variate=None),
         "prototype tuned (eps=2e-3, nbeta=50, gamma=20, 4x1000)": BIFConfig(
-            step_size=2e-3, n_beta=50.0, gamma=20.0, draws=1000 // scale),
+            step_size=2e-3, n_beta=50.0, gamma=20.0, draws=1000 // scale, burn_in=None, thin=1, control_variate=None),
         "large gamma (eps=2e-4, nbeta=50, gamma=1e3, 4x500, thin 2)": BIFConfig(
-            step_size=2e-4, n_beta=50.0, gamma=1e3, draws=500 // scale, thin=2),
+            step_size=2e-4, n_beta=50.0, gamma=1e3, draws=500 // scale, thin=2, burn_in=None, control_variate=None),
     }
     for name, base in settings.items():
         runs = []

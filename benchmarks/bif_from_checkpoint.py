@@ -118,7 +118,8 @@ def _demo() -> None:
             DigitsClassifier, path, per_sample_loss,
             train_loader=DataLoader(train_set, batch_size=64, shuffle=True),
             train_samples=(x[:200], y[:200]), queries=(x[1000:1010], y[1000:1010]),
-            config=BIFConfig(step_size=2e-4, n_beta=50.0, gamma=1e3, draws=200), progress=False,
+            config=BIFConfig(step_size=2e-4, n_beta=50.0, gamma=1e3, draws=200, burn_in=None, thin=1,
+                             control_variate=None), progress=False,
         )
         plain = load_weights(mlp((32,), activation="tanh"), path, "model.")
         assert torch.equal(plain[0].weight, module.model[0].weight)

@@ -187,8 +187,10 @@ def bif_config(seed: int = 0):
     from inrun_shapley.posthoc.bif import BIFConfig
 
     if QUICK:
-        return BIFConfig(step_size=2e-4, n_beta=50.0, gamma=1e3, chains=2, draws=20, burn_in=20, thin=1, seed=seed)
-    return BIFConfig(step_size=2e-4, n_beta=50.0, gamma=1e3, chains=4, draws=500, thin=2, seed=seed)
+        return BIFConfig(step_size=2e-4, n_beta=50.0, gamma=1e3, chains=2, draws=20, burn_in=20, thin=1, seed=seed,
+                         control_variate=None)
+    return BIFConfig(step_size=2e-4, n_beta=50.0, gamma=1e3, chains=4, draws=500, thin=2, burn_in=None, seed=seed,
+                     control_variate=None)  # the recorded setting (no auto field)
 
 
 def bif_large_gamma(setup: LDSSetup) -> np.ndarray:
