@@ -89,3 +89,16 @@ def test_readme_example_runs_twice(name, tmp_path, monkeypatch):
         assert (tmp_path / "shapley_log" / "meta.json").exists()
     if name == "huggingface":
         assert (tmp_path / "hf_shapley_log" / "meta.json").exists()
+
+
+def test_every_import_the_readme_names_works():
+    """Code and prose alike (``from inrun_shapley import causal_lm_loss`` is named in a sentence)."""
+    import importlib
+
+    pytest.importorskip("transformers")
+    found = re.findall(r"from (inrun_shapley[.\w]*) import ([\w, ]+)", README.read_text())
+    assert ("inrun_shapley", "causal_lm_loss") in found
+    for module, names in found:
+        mod = importlib.import_module(module)
+        for name in names.split(","):
+            assert getattr(mod, name.strip(), None) is not None, f"from {module} import {name.strip()}"

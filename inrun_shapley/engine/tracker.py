@@ -21,9 +21,7 @@ the values of one step sum to the linear part of that step's validation-loss cha
 
 from __future__ import annotations
 
-import atexit
 import warnings
-import weakref
 from contextlib import contextmanager
 from typing import Callable, Iterable
 
@@ -39,6 +37,7 @@ from inrun_shapley.engine import sharding
 from inrun_shapley.engine.scoring import grad_sq_norm, grads_zeroed, world_size
 from inrun_shapley.engine.step_check import StepSumCheck, nonfinite_training_step
 from inrun_shapley.engine.step import PreStep, StepPipeline
+from inrun_shapley.engine.sinks import close_at_exit, close_sink
 from inrun_shapley.engine.store import InMemoryValues
 from inrun_shapley.engine.tracked import (
     ModuleReport, plan_modules, plan_parameters, trained_signature, untracked_trained,
@@ -75,28 +74,6 @@ def _check_options(estimator: Estimator, order: int, per_query: bool, query_path
         )
     if per_query and group_values:
         raise ConfigurationError("group_values are kept for the mean validation loss only (per_query=False)")
-
-
-_SINKS_AT_EXIT: "weakref.WeakSet" = weakref.WeakSet()  # sinks given to a tracker, closed at exit
-
-
-def _close_sink(sink) -> None:
-    """Close (else flush) a sink once; forget it for the exit handler."""
-    if sink is None:
-        return
-    _SINKS_AT_EXIT.discard(sink)
-    close = getattr(sink, "close", None) or getattr(sink, "flush", None)
-    if close is not None:
-        close()
-
-
-@atexit.register
-def _close_sinks_at_exit() -> None:
-    for sink in list(_SINKS_AT_EXIT):
-        try:
-            _close_sink(sink)
-        except Exception as exc:  # pragma: no cover - report, never mask the exit
-            warnings.warn(f"inrun-shapley: closing {sink!r} at exit failed: {exc}", RuntimeWarning)
 
 
 class ShapleyTracker:
@@ -291,7 +268,7 @@ class ShapleyTracker:
         """:meth:`detach`, then close the ``sink`` given to the tracker (a value log writer
         flushes, compacts and releases its lock). Idempotent; also run at interpreter exit."""
         self.detach()
-        _close_sink(self.sink)
+        close_sink(self.sink)
 
     @property
     def sink(self):
@@ -302,7 +279,7 @@ class ShapleyTracker:
     def sink(self, sink) -> None:
         self._sink = sink
         if sink is not None:
-            _SINKS_AT_EXIT.add(sink)
+            close_at_exit(sink)
 
     def __enter__(self) -> "ShapleyTracker":
         return self

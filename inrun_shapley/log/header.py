@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import json
 import numbers
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from inrun_shapley.errors import ConfigurationError, LogError
 from inrun_shapley.log.format import DATA_FILE, FORMAT_NAME, FORMAT_VERSION, META_FILE, inside
@@ -211,4 +212,31 @@ def read_header(root: Path) -> dict[str, Any]:
     return validate_header(header, meta)
 
 
-__all__ = ["HELPFUL_SIGNS", "INRUN_SHAPLEY", "default_score", "read_header", "score_description", "validate_header"]
+SNAPSHOT_RETRY_S = 30.0  # how long a reader keeps re-reading while a writer keeps committing
+
+
+def read_snapshot(root: Path, read: Callable[[dict[str, Any]], Any]) -> Any:
+    """``read(header)`` for the committed header, started again from the new header when a
+    writer's commit removed files the old one listed (a compaction), for up to
+    ``SNAPSHOT_RETRY_S`` seconds: the result is always one consistent snapshot.
+
+    Raises:
+        LogError: ``read``'s error, when the header did not change meanwhile (the log itself is
+            damaged) or the retries ran out.
+    """
+    deadline = time.monotonic() + SNAPSHOT_RETRY_S
+    while True:
+        header = read_header(root)
+        try:
+            return read(header)
+        except LogError:
+            try:
+                now_generation = read_header(root)["generation"]
+            except LogError:
+                now_generation = None
+            if time.monotonic() > deadline or now_generation == header["generation"]:
+                raise
+
+
+__all__ = ["HELPFUL_SIGNS", "INRUN_SHAPLEY", "SNAPSHOT_RETRY_S", "default_score", "read_header", "read_snapshot",
+           "score_description", "validate_header"]

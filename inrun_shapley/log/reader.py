@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,7 +13,7 @@ from inrun_shapley.log.accumulator import IdAccumulator, check_ids
 from inrun_shapley.log.fields import id_fields, record_dtype, stats_dtype
 from inrun_shapley.log.commit import commit, write_chunk, write_table
 from inrun_shapley.log.format import FORMAT_NAME, FORMAT_VERSION, META_FILE, now, read_chunks, read_table
-from inrun_shapley.log.header import read_header
+from inrun_shapley.log.header import read_header, read_snapshot
 from inrun_shapley.log.moments import RECORD_NORMALIZATIONS, normalized_record_sums
 
 NORMALIZATIONS = ("none", "step_std", "mean", "loss_change", "step_z")  # the last two need record_steps
@@ -26,17 +25,6 @@ RANKINGS = {
     "loss_change": "sum of shares of each step's validation-loss change",
     "step_z": "per-step z-scored score",
 }
-
-
-SNAPSHOT_RETRY_S = 30.0  # how long a reader keeps re-reading while a writer keeps committing
-
-
-def _generation(root: Path) -> int | None:
-    """The generation ``meta.json`` commits now (None when it cannot be read)."""
-    try:
-        return int(read_header(root)["generation"])
-    except (LogError, KeyError, TypeError, ValueError):
-        return None
 
 
 class Ranked(tuple):
@@ -122,7 +110,7 @@ class ShapleyLog:
 
         A writer may be flushing or compacting the same log meanwhile: the log is read as of one
         committed ``meta.json``, and when a commit removes files that header listed the read
-        starts again from the new header (for up to ``SNAPSHOT_RETRY_S`` seconds), so every
+        starts again from the new header (:func:`~inrun_shapley.log.header.read_snapshot`), so every
         load is one consistent snapshot.
 
         Raises:
@@ -135,16 +123,7 @@ class ShapleyLog:
             ranks = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("rank"))
             if ranks:
                 return cls.merge(ranks, verify=verify, progress=progress)
-        deadline = time.monotonic() + SNAPSHOT_RETRY_S
-        while True:
-            header = read_header(root)
-            try:
-                return cls._read_snapshot(root, header, verify, progress)
-            except LogError:
-                # a writer that commits while we read removes the files the previous header
-                # listed: that header is then superseded, and the new one is read whole
-                if time.monotonic() > deadline or _generation(root) == header["generation"]:
-                    raise
+        return read_snapshot(root, lambda header: cls._read_snapshot(root, header, verify, progress))
 
     @classmethod
     def _read_snapshot(cls, root: Path, header: dict[str, Any], verify: bool, progress: bool) -> "ShapleyLog":
