@@ -88,3 +88,13 @@ def test_hf_trainer_fsdp2_equals_one_process(tmp_path):
     ref, counts = hf_plain_values(corpus_data(), steps=3, clip=0.5, arch="llama")
     assert close(result["values"], ref) and np.array_equal(result["counts"], counts)
     assert close(ShapleyLog.load(tmp_path / "log").values, ref)
+
+
+def test_readme_sharded_block_two_processes_equal_one(tmp_path):
+    values = {}
+    for nproc in (1, 2):
+        folder = tmp_path / f"n{nproc}"
+        folder.mkdir()
+        values[nproc] = np.load(f"{torchrun('readme_sharded.py', [], folder, nproc=nproc)}.npy")
+    assert np.count_nonzero(values[1]) == len(values[1])
+    assert np.abs(values[2] - values[1]).max() <= 1e-4 * np.abs(values[1]).max()
