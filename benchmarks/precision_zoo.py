@@ -22,14 +22,18 @@ def main(argv=None) -> None:
     parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
     parser.add_argument("--models", nargs="*", default=list(ZOO))
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=0, help="untracked fp32 steps first (one shared state)")
     args = parser.parse_args(argv)
-    print(f"optimizer {args.optimizer}, {args.steps} steps, batch 4 (values of every step pooled)")
+    print(f"optimizer {args.optimizer}, {args.warmup} fp32 warm-up steps, then {args.steps} steps, batch 4 "
+          "(values of every step pooled)")
     print(f"{'model':<10} {'precision':<14} {'max rel diff':>12} {'pearson':>9} {'update diff':>11}")
     for name in args.models:
-        ref, ref_update = step_values(name, "fp32", args.optimizer, steps=args.steps)
+        ref, ref_update = step_values(name, "fp32", args.optimizer, steps=args.steps, warmup=args.warmup)
         for precision in PRECISIONS[1:]:
+            if args.warmup and precision == "bf16-weights":
+                continue
             try:
-                got, update = step_values(name, precision, args.optimizer, steps=args.steps)
+                got, update = step_values(name, precision, args.optimizer, steps=args.steps, warmup=args.warmup)
             except Exception as err:  # noqa: BLE001  (reported, not hidden)
                 print(f"{name:<10} {precision:<14} failed: {type(err).__name__}: {str(err)[:90]}")
                 continue

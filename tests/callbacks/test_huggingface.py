@@ -74,10 +74,13 @@ def test_per_token_queries(tmp_path, data):
     assert close(cb.values, ref)
 
 
-def test_bf16_on_cpu(tmp_path, data):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_llama_fp32_and_bf16_on_cpu(tmp_path, data, bf16):
+    """Llama (RMSNorm, rotary positions, SwiGLU, grouped-query attention) through the Trainer
+    equals the plain tracker loop, in fp32 and under bf16 autocast."""
     cb = ShapleyTrainerCallback(val_data=data[1])
-    train_with_trainer(tmp_path / "out", cb, data, max_steps=3, bf16=True, arch="llama")
-    ref, _ = plain_values(data, steps=3, bf16=True, arch="llama")
+    train_with_trainer(tmp_path / "out", cb, data, max_steps=3, bf16=bf16, arch="llama")
+    ref, _ = plain_values(data, steps=3, bf16=bf16, arch="llama")
     assert close(cb.values, ref)
 
 

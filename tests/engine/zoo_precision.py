@@ -30,22 +30,31 @@ def _cast(rows, dtype):
 
 
 def step_values(name: str, precision: str, optimizer: str = "sgd", steps: int = 1, lr: float | None = None,
-                seed: int = 0) -> tuple[np.ndarray, float]:
-    """``(values of every step concatenated, relative size of the step's parameter update)``.
+                seed: int = 0, warmup: int = 0) -> tuple[np.ndarray, list]:
+    """``(values of every step concatenated, the first step's parameter update per parameter)``.
 
-    The second number is ``|θ_after − θ_before|`` summed over the parameters, from the first
-    step (to compare how much the update itself moves between precisions).
+    ``warmup`` untracked fp32 steps first (the same in every precision), so that the steps
+    compared start from one state with a filled optimizer state (not with ``bf16-weights``).
     """
     torch.manual_seed(seed)
     model, loss_rows, rows, val = build(name)
     dtype = torch.bfloat16 if precision == "bf16-weights" else torch.float32
-    model = model.to(dtype)
-    rows, val = _cast(rows, dtype), _cast(val, dtype)
+    model = model.float()
+    rows, val = _cast(rows, torch.float32), _cast(val, torch.float32)
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=lr or 0.5)
     else:
         opt = torch.optim.AdamW(params, lr=lr or 1e-2, eps=1e-4)
+    for _ in range(warmup):
+        loss_rows(model, *rows).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    if dtype != torch.float32:
+        if warmup:
+            raise ValueError("bf16-weights starts from the seed: warmup=0")
+        model.to(dtype)
+        rows, val = _cast(rows, dtype), _cast(val, dtype)
     tracker = ShapleyTracker(model, opt, val_data=val, val_loss_fn=lambda m, b: loss_rows(m, *b).float())
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if precision == "fp16-scaler" else None
     half = {"bf16-autocast": torch.bfloat16, "fp16-scaler": torch.float16}.get(precision)
