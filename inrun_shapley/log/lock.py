@@ -176,7 +176,7 @@ class WriterLock:
             return
         fd, self._fd = self._fd, None
         try:
-            if self._same_file(fd):
+            if os.getpid() == self.pid and self._same_file(fd):  # never from a forked child (DataLoader workers)
                 self.path.unlink()
         except OSError:  # pragma: no cover
             pass

@@ -130,3 +130,21 @@ def test_two_writers_and_a_reader_for_a_few_seconds():
     assert c["second_rc"] == 3 and "already open" in c["second_said"], c
     assert c["errors"] == [] and c["loads"] >= 3, c
     assert c["wrote"] > 50 and c["final_step"] == c["wrote"], c
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_never_frees_the_parents_lock(tmp_path):
+    """DataLoader workers are forked with the writer in memory: whatever they do with it, the
+    parent keeps its log locked."""
+    w = ShapleyLogWriter(tmp_path / "log")
+    pid = os.fork()
+    if pid == 0:  # the child drops its copy of the lock, as a finalizer would
+        try:
+            w._lock.release()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert (tmp_path / "log" / LOCK_FILE).exists()
+    with pytest.raises(LogError, match="already open"):
+        ShapleyLogWriter(tmp_path / "log", resume=True)
+    w.close()
