@@ -12,6 +12,8 @@ from inrun_shapley.integration import (
     ShapleyConfig,
     TrackedValues,
     checkpoint_cursor,
+    cursor_for_rank,
+    gathered_cursor,
     merge_across_ranks,
     take_sample_ids,
 )
@@ -119,8 +121,8 @@ class ShapleyHook(TrackedValues):
         """For ``accelerator.register_for_checkpointing(hook)``: a cursor (step counters and
         per-id totals; its size does not grow with the steps). Flushes the log first."""
         self.attached.flush()
-        return checkpoint_cursor(self.tracker)
+        return gathered_cursor(checkpoint_cursor(self.tracker))  # the main process alone writes it
 
     def load_state_dict(self, state: dict) -> None:
-        self.tracker.load_state_dict(state)
+        self.tracker.load_state_dict(cursor_for_rank(state, self.accelerator.process_index))
 

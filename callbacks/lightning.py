@@ -131,7 +131,7 @@ class ShapleyCallback(TrackedValues, Callback):
     @override
     def state_dict(self) -> dict:
         """A cursor (step counters, per-id totals): its size does not grow with the steps."""
-        # rank 0 alone writes Lightning's checkpoint: it carries every rank's cursor
+        # one process writes Lightning's checkpoint: it carries every rank's cursor
         return {} if self.tracker is None else gathered_cursor(checkpoint_cursor(self.tracker))
 
     @override

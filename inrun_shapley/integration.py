@@ -126,15 +126,15 @@ def checkpoint_cursor(tracker: ShapleyTracker) -> dict:
 
 
 def gathered_cursor(cursor: dict) -> dict:
-    """Every rank's cursor, gathered on rank 0 (collective: every rank calls it), for checkpoints
-    that rank 0 alone writes (Lightning): ``{"by_rank": [cursor of rank 0, rank 1, ...]}`` on
-    rank 0, the rank's own cursor elsewhere; ``cursor`` itself in one process."""
+    """Every rank's cursor on every rank (collective: every rank calls it), for checkpoints
+    written by one process (Lightning's rank 0, Accelerate's main process, or one per node):
+    ``{"by_rank": [cursor of rank 0, rank 1, ...]}``; ``cursor`` itself in one process."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return cursor
-    everyone = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(cursor, everyone, dst=0)
-    return {"by_rank": everyone} if dist.get_rank() == 0 else cursor
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, cursor)
+    return {"by_rank": everyone}
 
 
 def cursor_for_rank(state: dict, rank: int) -> dict:

@@ -5,10 +5,16 @@ Accelerate turns FSDP on only for accelerator devices: for CPU processes it sile
 (``DistributedType.MULTI_CPU``). Without a GPU this script sets the state's distributed type to
 FSDP after construction, as a GPU launch would, so that ``prepare`` runs Accelerate's own FSDP2
 path (``fully_shard`` on the model, DTensor parameters and optimizer state).
+
+``crash``: ``accelerator.save_state`` after the first epoch (step 4; the hook registered for
+checkpointing), the log flushed every step, rank 1 killed (``os._exit``) at the start of step 7.
+``resume``: ``load_state`` of that checkpoint and the second epoch, as after a crash. These two
+run DDP (``--ddp``): Accelerate's FSDP ``save_state`` is not reachable with the CPU override.
 """
 
 import json
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +30,10 @@ if __name__ == "__main__":
 
     train, val = data()
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
-    if torch.cuda.is_available():
+    ddp = "--ddp" in sys.argv
+    if ddp:
+        accelerator = Accelerator(cpu=True)
+    elif torch.cuda.is_available():
         accelerator = Accelerator(fsdp_plugin=plugin)
     else:
         accelerator = Accelerator(cpu=True)
@@ -34,10 +43,21 @@ if __name__ == "__main__":
     sampler = DistributedSampler(IndexedDataset(train), num_replicas=2, rank=accelerator.process_index, shuffle=False)
     loader = DataLoader(IndexedDataset(train), batch_size=4, sampler=sampler)
     model, opt = accelerator.prepare(model, opt)
-    assert type(next(model.parameters())).__name__ == "DTensor", "Accelerate did not shard the model"
-    hook = ShapleyHook(accelerator, model, opt, val_data=val, log_dir="log")
-    for _ in range(2):
-        for batch in loader:
+    assert ddp or type(next(model.parameters())).__name__ == "DTensor", "Accelerate did not shard the model"
+    mode = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] != "--ddp" else "plain"
+    hook = ShapleyHook(accelerator, model, opt, val_data=val, log_dir="log", flush_every=1,
+                       resume=mode == "resume")
+    accelerator.register_for_checkpointing(hook)
+    epochs = range(2)
+    if mode == "resume":
+        accelerator.load_state("ckpt")
+        epochs = range(1, 2)
+    for epoch in epochs:
+        if epoch == 1 and mode == "crash":
+            accelerator.save_state("ckpt")
+        for i, batch in enumerate(loader):
+            if mode == "crash" and epoch == 1 and i == 2 and accelerator.process_index == 1:
+                os._exit(1)
             with hook.batch(batch):
                 x, y = batch
                 accelerator.backward(F.cross_entropy(model(x.to(accelerator.device)), y.to(accelerator.device)))

@@ -70,6 +70,7 @@ def test_accelerate_fsdp2_plugin_equals_one_process(tmp_path):
     assert close(ShapleyLog.load(tmp_path / "log").values, ref)
 
 
+@pytest.mark.slow
 def test_lightning_fsdp2_killed_rank_resumes_to_the_uninterrupted_values(tmp_path):
     torchrun("lightning_fsdp.py", ["crash"], tmp_path, fails=True)  # rank 1 dies at step 7
     assert json.loads((tmp_path / "log" / "rank1" / "meta.json").read_text())["last_step"] == 6
@@ -80,6 +81,7 @@ def test_lightning_fsdp2_killed_rank_resumes_to_the_uninterrupted_values(tmp_pat
     assert close(log.values, ref) and np.array_equal(log.counts, counts) and log.last_step == 8
 
 
+@pytest.mark.slow
 def test_hf_trainer_fsdp2_equals_one_process(tmp_path):
     from tests.callbacks.hf_setup import corpus_data
     from tests.callbacks.hf_setup import plain_values as hf_plain_values
@@ -90,6 +92,7 @@ def test_hf_trainer_fsdp2_equals_one_process(tmp_path):
     assert close(ShapleyLog.load(tmp_path / "log").values, ref)
 
 
+@pytest.mark.slow
 def test_readme_sharded_block_two_processes_equal_one(tmp_path):
     values = {}
     for nproc in (1, 2):
@@ -98,3 +101,15 @@ def test_readme_sharded_block_two_processes_equal_one(tmp_path):
         values[nproc] = np.load(f"{torchrun('readme_sharded.py', [], folder, nproc=nproc)}.npy")
     assert np.count_nonzero(values[1]) == len(values[1])
     assert np.abs(values[2] - values[1]).max() <= 1e-4 * np.abs(values[1]).max()
+
+
+@pytest.mark.slow
+def test_accelerate_killed_rank_resumes_each_rank_from_its_own_cursor(tmp_path):
+    """Accelerate's main process alone writes the registered hook's state: it must carry every
+    rank's cursor (DDP here: Accelerate's FSDP save_state is not reachable on CPU)."""
+    torchrun("accelerate_fsdp.py", ["crash", "--ddp"], tmp_path, fails=True)
+    result = run_script("accelerate_fsdp.py", tmp_path, "resume", "--ddp")
+    ref, counts = plain_values(batch_size=8)
+    assert close(result["values"], ref) and np.array_equal(result["counts"], counts)
+    log = ShapleyLog.load(tmp_path / "log")
+    assert close(log.values, ref) and np.array_equal(log.counts, counts) and log.last_step == 8
