@@ -15,9 +15,9 @@ One full-data training run (the harness's ``train_full``, bitwise the cached run
 the tracker has that option) and two
 :class:`~inrun_shapley.trajectory.TrajectoryRecorder` listeners (``every=1`` and ``every=10``).
 Then the adjoint pass scores ``[n_train, Q]`` with ``f_q`` = query margin, in several variants:
-the default (``jacobian="loo"``, ``damping="auto"``: the stability rule, chosen without looking
-at LDS), no damping, the other Jacobians, the replayed ``every=10`` recording, and the last 100
-steps only. Every row's time is wall-clock of its own computation on top of the training run
+the default before issue 27 (``jacobian="loo"``, ``damping="auto"``: the stability rule, chosen
+without looking at LDS), no damping, the other Jacobians, the replayed ``every=10`` recording,
+the last 100 steps only, and today's default (``jacobian="auto"`` = ``"full"``, ``damping="auto"``). Every row's time is wall-clock of its own computation on top of the training run
 (the training row: the whole run with the tracker and the recorders), memory the peak RSS
 increase (``quality.PeakRSS``).
 
@@ -103,8 +103,7 @@ def small_table(setup, kept: dict, infos: dict, rec, fractions: list[float], n_m
     small = [f for f in fractions if f < 0.5]
     lines = [f"| scores | {' | '.join(f'{100 * f:g}%: median rel. error' for f in small)} | "
              "Spearman(per-query error, per-query LDS) at the same fraction |", "|---|" + "---|" * (len(small) + 1)]
-    for name in [n for n in kept if n.startswith("adjoint") and ("replay" in n or "default" in n or "rho=1" in n)
-                 and "fixed" not in n]:
+    for name in [n for n in kept if n.startswith("adjoint default") or n.startswith("adjoint full J, damping=replay")]:
         cells, corr = [], []
         for f in small:
             check = removal_check(kept[name], *args, fraction=f, probes=4, seed=1)
@@ -163,15 +162,17 @@ def main(argv=None) -> None:
 
     methods = {
         "in-run per-query (one-step, fixed-state Shapley)": lambda s: inrun,
-        "adjoint loo J, damping=auto (default)": adjoint("auto", recs[1]),
+        "adjoint loo J, damping=auto (the default before issue 27)": adjoint("auto", recs[1], jacobian="loo"),
         "adjoint loo J, no damping (rho=1)": adjoint("rho1", recs[1], damping=1.0),
         "adjoint fixed-state P, rho=1": adjoint("fixed", recs[1], jacobian="fixed_state", damping=1.0),
         "adjoint full (real-run derivative), rho=1": adjoint("full", recs[1], jacobian="full", damping=1.0),
-        "adjoint loo J, auto, replayed every=10": adjoint("every10", recs[10]),
-        "adjoint loo J, auto, last 100 steps": adjoint("last100", recs[1], last_steps=100),
+        "adjoint loo J, auto, replayed every=10": adjoint("every10", recs[10], jacobian="loo"),
+        "adjoint loo J, auto, last 100 steps": adjoint("last100", recs[1], jacobian="loo", last_steps=100),
+        "adjoint default (jacobian auto = full, damping auto)": adjoint("default", recs[1]),
         "adjoint full J, damping=replay (5% probes)": adjoint("full_replay", recs[1], jacobian="full",
                                                               damping="replay"),
-        "adjoint loo J, damping=replay (5% probes)": adjoint("loo_replay", recs[1], damping="replay"),
+        "adjoint loo J, damping=replay (5% probes)": adjoint("loo_replay", recs[1], jacobian="loo",
+                                                             damping="replay"),
     }
     if args.gap:
         scores = adjoint("full", recs[1], jacobian="full", damping=1.0)(setup)

@@ -203,6 +203,7 @@ def adjoint_scores(module, rec: Path, train: torch.Tensor, queries: torch.Tensor
     scores = adjoint_influence(
         module, rec, (train,), lambda m, b: dm.per_sample_loss(m, b[0]), queries,
         lambda m, q: -dm.per_sample_loss(m, q), output_kind="score", progress=False, info=info,
+        jacobian="loo",  # as recorded in RESULTS.md §11 (the default before issue 27)
     )
     return scores, info
 

@@ -175,7 +175,7 @@ def adjoint_loo(setup: LDSSetup) -> np.ndarray:
     info: dict = {}
     scores = adjoint_influence(run["model"], run["recording"], setup.train_set, lds_harness.loss_fn,
                                setup.query_set, lds_harness.margin_fn, n_train=setup.n_train,
-                               progress=False, info=info)
+                               jacobian="loo", progress=False, info=info)
     if setup.subsets.shape[0] >= 2:  # the clean setup
         NOTES[NAMES["adjoint"]] = (f"rho={info.get('rho', float('nan')):.4g} (damping='auto'), "
                                    f"steps {info.get('steps')}, replay error {info.get('replay_error', 0):.1e}")

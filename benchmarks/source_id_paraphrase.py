@@ -269,7 +269,8 @@ def run_seed(args, corpus_kind: str, seed: int, estimators, peers, work: Path) -
         t = time.perf_counter()
         try:  # output = query LM loss: a positive score means the row raised the loss (harmful)
             adj = adjoint_influence(model, recorder.path, train, lambda m, b: lm_losses(m, b),
-                                    queries, query_loss, progress=False)
+                                    queries, query_loss, progress=False,
+                                    jacobian="loo")  # as recorded (the default before issue 27)
             scores["adjoint"] = -adj[:n]
         except (AttributionError, RuntimeError) as exc:
             info["errors"]["adjoint"] = f"{type(exc).__name__}: {exc}"

@@ -20,7 +20,7 @@ from inrun_shapley.posthoc.adjoint.damping import stability_damping
 from inrun_shapley.posthoc.adjoint.replay import Source
 from inrun_shapley.posthoc.adjoint.stepper import JACOBIANS, Stepper
 from inrun_shapley.posthoc.adjoint.work import Work, cast, check_model, query_gradients
-from inrun_shapley.trajectory import Recording
+from inrun_shapley.trajectory import HYPER_FIELDS, Recording
 
 DAMPING_CANDIDATES = (1.0, 0.7, 0.5, 0.35)
 """The damping values ``damping="replay"`` chooses among (one pass propagates all of them)."""
@@ -37,7 +37,7 @@ def adjoint_influence(
     output_fn: Callable | None = None,
     *,
     reduction: str = "mean",
-    jacobian: str = "loo",
+    jacobian: str = "auto",
     damping: float | str = "auto",
     last_steps: int | None = None,
     n_train: int | None = None,
@@ -71,8 +71,12 @@ def adjoint_influence(
             ``-loss_fn(model, queries)``, so that, like every score of the library, positive =
             helpful (including the sample lowers the query loss).
         reduction: ``"mean"`` or ``"sum"``, how the training loss reduced the per-sample losses.
-        jacobian: Adam's step Jacobian: ``"loo"`` (default), ``"fixed_state"`` or ``"full"``
-            (module docstring: what each one is the exact derivative of). Ignored for SGD.
+        jacobian: Adam's step Jacobian: ``"auto"`` (default: ``"full"``, the exact derivative of
+            the real run, or ``"loo"`` when the run used amsgrad, which ``"full"`` does not
+            support), ``"loo"``, ``"fixed_state"`` or ``"full"`` (module docstring: what each one
+            is the exact derivative of). Ignored for SGD. ``"full"`` is the default because it
+            scored at or above ``"loo"`` at every removed fraction of the digits benchmark
+            (``benchmarks/RESULTS.md`` §16).
         damping: ``"auto"`` (the stability rule of the module docstring), ``"replay"``, or ``ρ``
             in (0, 1] (1 = none) scaling the curvature term. ``"replay"`` propagates every ρ of
             :data:`DAMPING_CANDIDATES` in the same pass (the queries repeated), replays the recorded
@@ -143,8 +147,8 @@ def adjoint_influence(
     t0 = time.perf_counter()
     if reduction not in ("mean", "sum"):
         raise ConfigurationError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if jacobian not in JACOBIANS:
-        raise ConfigurationError(f"jacobian must be one of {JACOBIANS}, got {jacobian!r}")
+    if jacobian not in JACOBIANS + ("auto",):
+        raise ConfigurationError(f"jacobian must be 'auto' or one of {JACOBIANS}, got {jacobian!r}")
     if not (damping in ("auto", "replay") or (isinstance(damping, (int, float)) and not isinstance(damping, bool)
                                                and 0 < damping <= 1)):
         raise ConfigurationError(f"damping must be 'auto', 'replay' or a float in (0, 1], got {damping!r}")
@@ -178,6 +182,10 @@ def adjoint_influence(
             f"{rec.path}: Adam's optimizer state was not recorded (optimizer_state=False); the adjoint pass "
             "needs it for the step Jacobian J_s: record with TrajectoryRecorder(..., optimizer_state=True)"
         )
+    if jacobian == "auto":
+        hyper = rec.state(rec.first_step).hyper
+        amsgrad = rec.optimizer == "adam" and bool((hyper[:, HYPER_FIELDS.index("amsgrad")] > 0).any())
+        jacobian = "loo" if amsgrad else "full"
     dtype = dtype or rec.dtype
     work = Work(model, rec, dtype, loss_fn, reduction, query_block)
     stepper = Stepper(rec, work, jacobian, dtype)
@@ -295,7 +303,7 @@ def adjoint_influence(
     if info is not None:
         if damping == "replay":
             info.update(damping_errors=errors, check=check)
-        info.update(rho=rho, radii=radii, steps=(first, last), seconds=time.perf_counter() - t0,
+        info.update(jacobian=jacobian, rho=rho, radii=radii, steps=(first, last), seconds=time.perf_counter() - t0,
                     replay_error=source.max_replay_error, resumed_from=resumed_from,
                     bytes_per_step=rec.bytes_per_step)
     return result

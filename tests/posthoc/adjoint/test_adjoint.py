@@ -5,10 +5,11 @@ What is exact (float64, relative error <= 1e-8), with ``damping=1``:
 * SGD (plain, momentum, Nesterov + dampening + weight decay): the adjoint values equal
   ``d f_q(θ_T) / d w_i`` where every sample's loss term carries a weight ``w_i`` (= 1) and the
   real run is unrolled with autograd;
-* Adam/AdamW, ``jacobian="full"``: the same derivative through the real Adam run;
+* Adam/AdamW, ``jacobian="full"`` (what the default ``"auto"`` picks without amsgrad): the same
+  derivative through the real Adam run;
 * ``jacobian="fixed_state"``: the derivative of the run with the second moment held at its
   recorded values (``v`` detached in the unroll);
-* ``jacobian="loo"`` (default): the derivative of the linear system the design's J defines:
+* ``jacobian="loo"``: the derivative of the linear system the design's J defines:
   ``δm_s = β1 δm_{s-1} + (1-β1) δg'_s``, ``δθ_{s+1} = (1-ηλd) δθ_s - η J_s/(1-β1) δm_s``, with
   ``J_s`` computed here independently (forward-mode derivative of the real elementwise update
   w.r.t. the gradient at fixed m_{s-1}, v_{s-1}).
@@ -327,7 +328,7 @@ def test_resume_from_checkpoint_gives_the_same_scores(tmp_path):
     assert info["resumed_from"] is not None and info["resumed_from"] < STEPS
     assert rel(resumed, full) < 1e-12
     with pytest.raises(ConfigurationError, match="different adjoint pass"):
-        run_adjoint(model, path, checkpoint=ck, jacobian="full")
+        run_adjoint(model, path, checkpoint=ck, jacobian="loo")  # not the default (auto = full here)
 
 
 # ------------------------------------------------------------------ damping
@@ -379,7 +380,7 @@ class Other(nn.Module):
         ("wider_model", ConfigurationError, "shapes differ"),
         ("no_state", ConfigurationError, "optimizer state was not recorded"),
         ("damping", ConfigurationError, "damping must be"),
-        ("jacobian", ConfigurationError, "jacobian must be one of"),
+        ("jacobian", ConfigurationError, "jacobian must be .auto. or one of"),
         ("scalar_loss", ConfigurationError, "per-sample losses"),
         ("matrix_output", ConfigurationError, "one value per query"),
     ],
@@ -430,3 +431,19 @@ def test_clipped_run_is_detected_and_scaled(tmp_path):
     rec.close()
     with pytest.warns(UserWarning, match="scaled by the ratio"):
         run_adjoint(model, rec.path)
+
+
+def test_default_jacobian_is_the_real_derivative_and_loo_under_amsgrad(tmp_path):
+    model, init, path = train(tmp_path, "adamw")
+    info = {}
+    assert rel(run_adjoint(model, path, info=info), reference("adamw", init, "real")) < 1e-8
+    assert info["jacobian"] == "full"
+    OPTIMIZERS["adam_amsgrad"] = lambda p: torch.optim.Adam(p, lr=0.05, amsgrad=True)
+    try:
+        model, _, path = train(tmp_path, "adam_amsgrad", name="ams")
+        info = {}
+        got = run_adjoint(model, path, info=info)
+        assert info["jacobian"] == "loo"
+        assert np.array_equal(got, run_adjoint(model, path, jacobian="loo"))
+    finally:
+        del OPTIMIZERS["adam_amsgrad"]
