@@ -168,16 +168,16 @@ def grad_sq_norm(params: Sequence[Tensor]) -> float:
     return float(_reduce_sum(local))
 
 
-def grads_zeroed(params: Sequence[Tensor]) -> bool:
-    """Every gradient is None, or all zeros on every rank (one all-reduce unless all are None)."""
-    grads = [p.grad for p in params]
-    if all(g is None for g in grads):
+def grads_zeroed(params: Sequence[Tensor], lookup: UnshardedLookup | None = None) -> bool:
+    """Every gradient is None or all zeros on every rank, unreduced ones FSDP holds included
+    (``lookup``); one all-reduce unless none exists on this rank."""
+    grads = [p.grad for p in params] + ([lookup.unsynced(p) for p in params] if lookup is not None else [])
+    present = [g for g in grads if g is not None]
+    if not present:
         return True
-    device = next(g for g in grads if g is not None).device
-    nonzero = torch.zeros((), dtype=torch.float64, device=device)
-    for g in grads:
-        if g is not None:
-            nonzero += _local(g.detach()).count_nonzero().to(torch.float64)
+    nonzero = torch.zeros((), dtype=torch.float64, device=present[0].device)
+    for g in present:
+        nonzero += _local(g.detach()).count_nonzero().to(torch.float64)
     return float(_reduce_sum(nonzero)) == 0.0
 
 
@@ -343,21 +343,37 @@ def score_sharded(batches, modules, directions: Mapping[int, Tensor], *, theta, 
     return total
 
 
-def unsharded_lookup(model: nn.Module):
-    """``fn(p) -> Tensor | None``: the full (unsharded) parameter FSDP2 puts in place of the sharded
-    ``p`` while its group is unsharded (what a module's forward hook sees), None if unknown."""
-    by_id = {}
-    for module in model.modules():
-        state = module._get_fsdp_state() if hasattr(module, "_get_fsdp_state") else None
-        group = getattr(state, "_fsdp_param_group", None)
-        for fp in getattr(group, "fsdp_params", ()) or ():
-            by_id[id(fp.sharded_param)] = fp
+class UnshardedLookup:
+    """FSDP2's own records of the sharded parameters of ``model``.
 
-    def lookup(p: Tensor):
-        fp = by_id.get(id(p))
+    ``lookup(p)``: the full (unsharded) parameter FSDP2 puts in place of the sharded ``p`` while
+    its group is unsharded (what a module's forward hook sees), None if unknown.
+    ``lookup.unsynced(p)``: a gradient FSDP holds unreduced for ``p`` (accumulation with
+    ``set_requires_gradient_sync(False)``), which ``p.grad`` does not show yet.
+    """
+
+    def __init__(self, model: nn.Module):
+        self._by_id = {}
+        for module in model.modules():
+            state = module._get_fsdp_state() if hasattr(module, "_get_fsdp_state") else None
+            group = getattr(state, "_fsdp_param_group", None)
+            for fp in getattr(group, "fsdp_params", ()) or ():
+                self._by_id[id(fp.sharded_param)] = fp
+
+    def __call__(self, p: Tensor):
+        fp = self._by_id.get(id(p))
         return None if fp is None else getattr(fp, "_unsharded_param", None)
 
-    return lookup
+    def unsynced(self, p: Tensor) -> Tensor | None:
+        fp = self._by_id.get(id(p))
+        if fp is None:
+            return None
+        acc = getattr(fp, "unsharded_accumulated_grad", None)
+        full = getattr(fp, "_unsharded_param", None)
+        return acc if acc is not None else getattr(full, "grad", None)
+
+
+unsharded_lookup = UnshardedLookup
 
 
 # ------------------------------------------------ what is refused, and what to use instead

@@ -292,7 +292,8 @@ class ShapleyTracker:
         """Mark the start of a (micro-)batch whose rows have sample ids ``ids`` (one per row)."""
         ids = as_sample_ids(ids)
         self._session.end()
-        if self._session.pending and grads_zeroed(self._params):
+        if self._session.pending and (sharding.grads_zeroed(self._params, self._session.unsharded)  # FSDP2: and
+                                      if self.sharded else grads_zeroed(self._params)):  # unreduced ones
             # The gradients were reset without a step: that step was skipped (e.g. GradScaler
             # found inf), so its micro-batches have no value.
             self._session.drop_pending()

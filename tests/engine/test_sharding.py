@@ -63,6 +63,33 @@ def test_one_rank_fsdp_equals_plain_with_a_replayed_layer(group_of_one, monkeypa
     assert np.abs(ref.group_values[:, 2]).max() > 0  # the replayed layer's own part is there
 
 
+def accumulated(sharded: bool, sync_every_micro_batch: bool) -> np.ndarray:
+    """Values of 3 steps of 2 micro-batches each (FSDP: the first without gradient sync, or not)."""
+    model, blocks, (x, y), val, loss_fn = fsdp_setup.make("mlp")
+    if sharded:
+        shard(model, blocks)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    tracker = ShapleyTracker(model, opt, val_data=val, val_loss_fn=loss_fn)
+    for ids in fsdp_setup.global_batches()[:3]:
+        for k, part in enumerate(ids.tensor_split(2)):
+            if sharded:
+                model.set_requires_gradient_sync(sync_every_micro_batch or k == 1)
+            with tracker.batch(part):
+                (loss_fn(model, (x[part], y[part])).mean() / 2).backward()
+        opt.step()
+        opt.zero_grad()
+    tracker.detach()
+    assert tracker.skipped_steps == 0
+    return tracker.values
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["sync-each", "sync-last"])
+def test_gradient_accumulation_under_fsdp(group_of_one, sync):
+    ref = accumulated(False, True)
+    values = accumulated(True, sync)
+    assert len(values) == len(ref) and np.abs(values - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
 def sharded_model(kind="mlp"):
     model, blocks, _, val, loss_fn = fsdp_setup.make(kind)
     shard(model, blocks)
