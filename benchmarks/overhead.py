@@ -1,4 +1,4 @@
-"""Training-step time and peak memory with the In-Run Shapley tracker vs without (issue 2).
+"""Training-step time and peak memory with the In-Run Shapley tracker vs without (issues 2, 23).
 
 Two models, both trained with AdamW on synthetic data (no download):
 
@@ -33,10 +33,22 @@ rest reads as ~0). Reported: the process's peak RSS, and the step's working memo
 ``Δpeak = peak − RSS at rest`` (model, optimizer state and the torch runtime excluded), each as a
 ratio to plain. On CUDA: ``torch.cuda.max_memory_allocated`` (peak and peak − allocated at rest).
 
+6. ``floor`` (issue 23): what any exact fixed-direction method must add to a plain step, timed
+   with it: the validation forward/backward (B/8 rows) and one forward of every tracked layer on
+   its captured inputs (the per-sample products' matmul). ``tracker / floor`` is the tracker's
+   own overhead beyond what the method must pay.
+
+Every timing is repeated ``--repeats`` times (3 by default; the variants interleaved each time);
+the table shows the median over repeats, and the key ratios their range over the repeats.
+
+``gpt2`` (the CUDA default): GPT-2 small's size (12 blocks, d 768, 12 heads, vocab 50257, 1024
+tokens, batch 8) under bf16 autocast, variants plain, floor, tracker (midpoint), fixed-state
+first order and tracker val=B.
+
 Run:  python -m benchmarks.overhead                 # full sizes, CPU
       python -m benchmarks.overhead --quick         # tiny sizes, a few steps (smoke test)
-      python -m benchmarks.overhead --device cuda   # exits 0 with a message if no CUDA device
-Options: --models mlp transformer, --steps N, --warmup N, --no-memory, --threads N (CPU default 1:
+      python -m benchmarks.overhead --device cuda   # gpt2; exits 0 with a message if no CUDA device
+Options: --models mlp transformer gpt2, --steps N, --warmup N, --repeats N, --no-memory, --threads N (CPU default 1:
 on a machine whose cores are shared, multi-threaded kernels stall and the timings mean nothing;
 --threads 0 keeps torch's default).
 """
@@ -44,6 +56,7 @@ on a machine whose cores are shared, multi-threaded kernels stall and the timing
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -61,9 +74,13 @@ from torch.func import functional_call, grad, vmap
 from benchmarks.common import cli
 from benchmarks.common.models import TinyTransformerLM, mlp
 from inrun_shapley import ShapleyTracker, ValidationObjective
+from inrun_shapley.engine.tracked import plan_modules
 from inrun_shapley.optim import adapter_for
 
 TARGETS = {"machinery": 0.4, "total_1/8": 1.5, "memory": 1.3, "vs_first_order": 1.05}
+FLOOR_TARGET = {"transformer": 1.05, "mlp": 1.15, "gpt2": 1.05}  # tracker / floor (issue 23)
+WORKING_SET_TARGET = {"transformer": 1.3, "mlp": 2.0, "gpt2": 1.3}  # step working set, tracker / plain
+GPU_VARIANTS = ["plain", "floor_1/8", "tracker_1/8", "fixed_1/8", "tracker_eq"]  # gpt2: no torch.func, no o2
 VAL_SET = 256
 
 
@@ -77,6 +94,14 @@ class Workload:
     per_sample_loss: callable  # (logits_fn_output, y) -> [n]
     batch_size: int
     lr: float = 1e-3
+    amp: torch.dtype | None = None  # autocast dtype of forward passes (the gpt2 config: bf16 on CUDA)
+    device_type: str = "cpu"
+
+    def autocast(self):
+        """The forward passes' autocast context (a no-op without ``amp``)."""
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.amp)
 
 
 def _lm_data(n: int, seq: int, vocab: int, g: torch.Generator):
@@ -119,11 +144,22 @@ def make_workload(name: str, quick: bool, n_batches: int, device) -> Workload:
             torch.manual_seed(0)
             return TinyTransformerLM(vocab, seq, d, heads, blocks)
 
+    elif name == "gpt2":  # GPT-2 small's size (124M-class: 12 blocks, d 768, 12 heads, vocab 50257), bf16 autocast
+        vocab, d, heads, blocks, seq, bs = (64, 32, 2, 2, 16, 8) if quick else (50257, 768, 12, 12, 1024, 8)
+
+        def data(n):
+            return (torch.randint(0, vocab, (n, seq), generator=g), torch.randint(0, vocab, (n, seq), generator=g))
+
+        def make_model():
+            torch.manual_seed(0)
+            return TinyTransformerLM(vocab, seq, d, heads, blocks)
+
     else:
-        raise SystemExit(f"unknown model {name!r} (mlp, transformer)")
+        raise SystemExit(f"unknown model {name!r} (mlp, transformer, gpt2)")
     batches = [tuple(t.to(device) for t in data(bs)) for _ in range(n_batches)]
-    val = tuple(t.to(device) for t in data(VAL_SET))
-    return Workload(name, make_model, batches, val, _ce_rows, bs)
+    val = tuple(t.to(device) for t in data(64 if name == "gpt2" else VAL_SET))
+    amp = torch.bfloat16 if name == "gpt2" and device.type == "cuda" else None
+    return Workload(name, make_model, batches, val, _ce_rows, bs, amp=amp, device_type=device.type)
 
 
 # -------------------------------------------------------------- variants
@@ -140,7 +176,9 @@ class Variant:
         self.values = None
 
     def loss(self, model, x, y):
-        return self.wl.per_sample_loss(model(x), y)
+        with self.wl.autocast():
+            out = model(x)
+        return self.wl.per_sample_loss(out.float() if out.dtype in (torch.bfloat16, torch.float16) else out, y)
 
     def val_loss_fn(self, model, batch):
         return self.loss(model, *batch)
@@ -178,7 +216,7 @@ class Tracked(Variant):
             params = list(self.tracker._params)
             cached = self.tracker.validation.gradient(self.model, params, 1)
 
-            def gradient(model, params, step, hvp_vectors=None, at=None, point=None):
+            def gradient(model, params, step, hvp_vectors=None, at=None, point=None, flags=None):
                 return cached
 
             self.tracker.validation.gradient = gradient
@@ -190,6 +228,41 @@ class Tracked(Variant):
             self.loss(self.model, x, y).mean().backward()
         self.opt.step()
         self.values = None if self.tracker.store.last_record is None else self.tracker.store.last_record[2]
+
+
+class Floor(Variant):
+    """What any exact fixed-direction method must add to a plain step (the issue's floor): the
+    validation forward/backward (B/8 rows, the tracker's objective, parameters untouched) and one
+    forward of every tracked layer on its captured inputs (the cost of the per-sample products'
+    matmul), timed on top of the plain step."""
+
+    def __init__(self, wl, device, val_rows: int):
+        super().__init__(wl, device)
+        self.label = f"floor val={val_rows}"
+        self.objective = ValidationObjective(wl.val, self.val_loss_fn, sample_size=val_rows)
+        modules, _ = plan_modules(self.model, (), True)
+        self.layers = [t.module for t in modules.values()]
+        self.params = [p for t in modules.values() for p in t.params.values()]
+        self.inputs: list = []
+        for m in self.layers:
+            m.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output):
+        if torch.is_grad_enabled() and module.training:
+            self.inputs.append((module, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)))
+
+    def step(self):
+        (x, y), _ = self.next_batch()
+        self.inputs = []
+        self.opt.zero_grad(set_to_none=True)
+        self.loss(self.model, x, y).mean().backward()
+        self.opt.step()
+        self.objective.gradient(self.model, self.params, self.k)
+        with self.wl.autocast():
+            with torch.no_grad():
+                for module, args in self.inputs:
+                    module(*args)
+        self.inputs = []
 
 
 class ValidationOnly(Variant):
@@ -247,6 +320,7 @@ def build_variants(wl: Workload, device, names=None) -> dict[str, Variant]:
     small = max(1, b // 8)
     makers = {
         "plain": lambda: Plain(wl, device),
+        "floor_1/8": lambda: Floor(wl, device, small),
         "tracker_1/8": lambda: Tracked(wl, device, small),
         "tracker_eq": lambda: Tracked(wl, device, b),
         "fixed_1/8": lambda: Tracked(wl, device, small, estimator="shapley"),
@@ -348,7 +422,9 @@ def memory_child(models: list[str], variants: list[str], quick: bool, warmup: in
                 import resource
 
                 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        out[f"{model}:{variant}"] = {"rest": rest, "peak": peak, "how": how}
+        tracker = getattr(v, "tracker", None)
+        held = tracker._pipeline.workspace.nbytes if tracker is not None else 0  # CPU buffers kept between steps
+        out[f"{model}:{variant}"] = {"rest": rest, "peak": peak, "how": how, "workspace": held}
         del v, wl
         gc.collect()
     return out
@@ -410,10 +486,14 @@ def _flag(ratio: float, target: float) -> str:
 
 def time_model(model: str, args, device):
     wl = make_workload(model, args.quick, 8, device)
-    variants = build_variants(wl, device)
-    times = time_interleaved(variants, args.warmup, args.steps, device)
-    med = {clock: {n: statistics.median(t[clock]) for n, t in times.items()} for clock in ("wall", "cpu")}
-    agree = check_agreement(wl, device)
+    variants = build_variants(wl, device, GPU_VARIANTS if model == "gpt2" else None)
+    runs = []  # one median per variant per repeat (the warmup runs once)
+    for r in range(args.repeats):
+        times = time_interleaved(variants, args.warmup if r == 0 else 0, args.steps, device)
+        runs.append({clock: {n: statistics.median(t[clock]) for n, t in times.items()} for clock in ("wall", "cpu")})
+    med = {clock: {n: statistics.median(run[clock][n] for run in runs) for n in variants} for clock in ("wall", "cpu")}
+    med["runs"] = runs
+    agree = float("nan") if model == "gpt2" else check_agreement(wl, device)
     n_params = sum(q.numel() for q in variants["plain"].model.parameters())
     return med, agree, n_params, wl.batch_size
 
@@ -432,12 +512,14 @@ def report_model(model: str, med: dict, agree: float, n_params: int, b: int, arg
         header += f" {'peak MB':>9} {'x plain':>8} {'dpeak MB':>9} {'x plain':>8}"
     lines.append(header)
     small = max(1, b // 8)
-    rows = [("plain", "plain"), ("tracker_1/8", f"tracker val={small} (B/8)"),
+    rows = [("plain", "plain"), ("floor_1/8", f"floor val={small} (B/8)"), ("tracker_1/8", f"tracker val={small} (B/8)"),
             ("fixed_1/8", f"fixed-state 1st order val={small}"), ("fixed_o2_1/8", f"fixed-state 2nd order val={small}"),
             ("tracker_eq", f"tracker val={b} (B)"), ("tracker_cached", "tracker, cached g_v (machinery)"),
             ("func", f"torch.func per-sample val={small}"),
             ("val_1/8", f"validation.gradient alone, {small}"), ("val_eq", f"validation.gradient alone, {b}")]
     for key, label in rows:
+        if key not in m:
+            continue
         line = f"  {label:<34} {m[key] * 1e3:9.2f} {m[key] / p:8.2f} {mo[key] * 1e3:9.2f} {mo[key] / po:8.2f}"
         if mem and (model, key) in mem:
             r, r0 = mem[(model, key)], mem[(model, "plain")]
@@ -445,9 +527,29 @@ def report_model(model: str, med: dict, agree: float, n_params: int, b: int, arg
             line += f" {_mb(r['peak'])} {r['peak'] / r0['peak']:8.2f} {_mb(dp)} {_ratio(dp, dp0)}"
         lines.append(line)
 
-    def summary(label, x, xo, target):
-        return f"  {label:<60} {x:6.2f}  ({other} {xo:5.2f})  target <= {target}  {_flag(x, target)}"
+    runs = med.get("runs", [])
 
+    def spread(num: str, den: str) -> str:
+        """The ratio's range over the repeats (each repeat's medians), on the main clock."""
+        if len(runs) < 2:
+            return ""
+        r = [run[clock][num] / run[clock][den] for run in runs]
+        return f"  [repeats {min(r):.2f}-{max(r):.2f}]"
+
+    def summary(label, x, xo, target, keys=None):
+        return (f"  {label:<60} {x:6.2f}  ({other} {xo:5.2f})  target <= {target}  {_flag(x, target)}"
+                + (spread(*keys) if keys else ""))
+
+    lines.append(f"  {'floor / plain, val=B/8, ' + clock:<60} {m['floor_1/8'] / p:6.2f}  ({other} {mo['floor_1/8'] / po:5.2f})"
+                 + spread("floor_1/8", "plain"))
+    lines.append(f"  {'tracker / plain, val=B/8, ' + clock:<60} {m['tracker_1/8'] / p:6.2f}  "
+                 f"({other} {mo['tracker_1/8'] / po:5.2f})" + spread("tracker_1/8", "plain"))
+    lines.append(summary(f"tracker / floor, val=B/8, {clock}", m["tracker_1/8"] / m["floor_1/8"],
+                         mo["tracker_1/8"] / mo["floor_1/8"], FLOOR_TARGET[model], ("tracker_1/8", "floor_1/8")))
+    lines.append(summary(f"midpoint (default) / fixed-state 1st order, val=B/8, {clock}", m["tracker_1/8"] / m["fixed_1/8"],
+                         mo["tracker_1/8"] / mo["fixed_1/8"], TARGETS["vs_first_order"], ("tracker_1/8", "fixed_1/8")))
+    if "tracker_cached" not in m:  # the GPU config: the rows above only
+        return lines + _memory_lines(model, mem)
     lines.append(summary(f"machinery, {clock}: (cached g_v − plain) / plain",
                          (m["tracker_cached"] - p) / p, (mo["tracker_cached"] - po) / po, TARGETS["machinery"]))
     lines.append(summary(f"machinery, {clock}: (tracker B/8 − validation − plain) / plain",
@@ -456,27 +558,37 @@ def report_model(model: str, med: dict, agree: float, n_params: int, b: int, arg
     lines.append(summary(f"total with val=B/8, {clock}: tracker / plain", m["tracker_1/8"] / p, mo["tracker_1/8"] / po,
                          TARGETS["total_1/8"]))
     lines.append(f"  {'total with val=B, ' + clock + ': tracker / plain':<60} {m['tracker_eq'] / p:6.2f}  ({other} {mo['tracker_eq'] / po:5.2f})")
-    lines.append(summary(f"midpoint (default) / fixed-state 1st order, val=B/8, {clock}", m["tracker_1/8"] / m["fixed_1/8"],
-                         mo["tracker_1/8"] / mo["fixed_1/8"], TARGETS["vs_first_order"]))
     lines.append(f"  {'fixed-state 2nd order / plain, val=B/8, ' + clock:<60} {m['fixed_o2_1/8'] / p:6.2f}  "
                  f"({other} {mo['fixed_o2_1/8'] / po:5.2f})")
-    if mem:
-        r, r0 = mem[(model, "tracker_1/8")], mem[(model, "plain")]
-        pk = r["peak"] / r0["peak"]
-        dp, dp0 = r["peak"] - r["rest"], r0["peak"] - r0["rest"]
-        dflag = _flag(dp / dp0, TARGETS["memory"]) if dp0 >= MIN_DPEAK else "n/a "
-        lines.append(f"  peak memory (B/8) / plain: process {pk:.2f}, step working set {_ratio(dp, dp0).strip()}  "
-                     f"target <= {TARGETS['memory']}  {_flag(pk, TARGETS['memory'])}/{dflag}  ({r['how']})")
+    return lines + _memory_lines(model, mem)
+
+
+def _memory_lines(model: str, mem) -> list[str]:
+    if not mem or (model, "tracker_1/8") not in mem:
+        return []
+    r, r0 = mem[(model, "tracker_1/8")], mem[(model, "plain")]
+    pk = r["peak"] / r0["peak"]
+    dp, dp0 = r["peak"] - r["rest"], r0["peak"] - r0["rest"]
+    target = WORKING_SET_TARGET[model]
+    dflag = _flag(dp / dp0, target) if dp0 >= MIN_DPEAK else "n/a "
+    lines = [f"  peak memory (B/8) / plain: process {pk:.2f}, step working set {_ratio(dp, dp0).strip()}  "
+             f"target <= {target} (working set)  {dflag}  ({r['how']})"]
+    if r.get("workspace"):
+        held = r["workspace"]
+        lines.append(f"  of which held at rest between steps (the CPU workspace, in the process peak, not in the working "
+                     f"set): {held / 2**20:.1f} MB; working set counting it: {_ratio(dp + held, dp0).strip()} x plain")
     return lines
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["mlp", "transformer"], choices=["mlp", "transformer"])
+    ap.add_argument("--models", nargs="+", default=None, choices=["mlp", "transformer", "gpt2"],
+                    help="default: mlp transformer on CPU, gpt2 (GPT-2-small size, bf16 autocast) on CUDA")
     ap.add_argument("--device", default="cpu")
     cli.add_quick(ap, help="tiny sizes and a few steps (smoke test)")
     ap.add_argument("--steps", type=int, default=None, help="measured steps per variant")
     ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None, help="timing runs per model (the spread of the ratios is shown)")
     ap.add_argument("--mem-steps", type=int, default=None, help="measured steps in each memory subprocess")
     cli.add_threads(ap, default=None)  # None: 1 on CPU (stable ratios on a shared machine), torch's default on CUDA
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -484,6 +596,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.steps = args.steps or (3 if args.quick else 30)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
+    args.repeats = args.repeats or (1 if args.quick else 3)
     args.mem_steps = args.mem_steps or (2 if args.quick else 5)
     if args.threads is None and args.device == "cpu":
         args.threads = 1  # intra-op threads stall badly when the cores are shared; see --threads
@@ -502,7 +615,10 @@ def main(argv=None) -> int:
     print(f"command: {cli.command_line('overhead', argv)}")
     print(f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", torch threads: {torch.get_num_threads()}"))
-    variants = ["plain", "tracker_1/8", "fixed_1/8", "fixed_o2_1/8", "tracker_eq", "func"]
+    args.models = args.models or (["gpt2"] if device.type == "cuda" else ["mlp", "transformer"])
+    variants = ["plain", "floor_1/8", "tracker_1/8", "fixed_1/8", "fixed_o2_1/8", "tracker_eq", "func"]
+    if args.models == ["gpt2"]:
+        variants = GPU_VARIANTS
     mem, quick_job = None, None
     if not args.no_memory:
         if args.quick:  # one subprocess for everything, running while the (meaningless) quick timings run
