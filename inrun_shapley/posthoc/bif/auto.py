@@ -41,7 +41,6 @@ import time
 import warnings
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 
 from inrun_shapley.posthoc.bif.config import BIFConfig

@@ -416,7 +416,8 @@ def test_recorder_refuses_an_existing_recording(tmp_path):
         TrajectoryRecorder(tmp_path / "x", every=0)
 
 
-def test_clipped_run_is_detected_and_scaled(tmp_path):
+def clipped_run(tmp_path):
+    """A 3-step SGD run with its gradients clipped, recorded: ``(model, recording path)``."""
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y, xq = data()
@@ -429,8 +430,13 @@ def test_clipped_run_is_detected_and_scaled(tmp_path):
         rec.set_ids(ids)
         opt.step()
     rec.close()
+    return model, rec.path
+
+
+def test_clipped_run_is_detected_and_scaled(tmp_path):
+    model, path = clipped_run(tmp_path)
     with pytest.warns(UserWarning, match="scaled by the ratio"):
-        run_adjoint(model, rec.path)
+        run_adjoint(model, path)
 
 
 def test_default_jacobian_is_the_real_derivative_and_loo_under_amsgrad(tmp_path):

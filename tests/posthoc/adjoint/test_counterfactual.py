@@ -11,9 +11,8 @@ import torch
 from inrun_shapley import ConfigurationError
 from inrun_shapley.posthoc.adjoint import removal_check, replay_outputs
 from inrun_shapley.posthoc.adjoint.influence import DAMPING_CANDIDATES
-from inrun_shapley.trajectory import TrajectoryRecorder
 from tests.posthoc.adjoint.test_adjoint import (
-    DT, N, batch_ids, data, loss_fn, make_model, neg_loss_fn, output_fn, run_adjoint, train, unroll,
+    DT, N, clipped_run, data, loss_fn, neg_loss_fn, output_fn, run_adjoint, train, unroll,
 )
 
 
@@ -68,19 +67,9 @@ def test_replay_refuses_what_it_cannot_replay(tmp_path):
         replay_outputs(model, path, (x, y), loss_fn, xq, output_fn, np.ones(N))
     with pytest.raises(ConfigurationError, match="fraction must be"):
         removal_check(np.zeros((N, 3)), model, path, (x, y), loss_fn, xq, output_fn, fraction=1.5)
-    clipped = make_model()
-    opt = torch.optim.SGD(clipped.parameters(), lr=0.1)
-    rec = TrajectoryRecorder(tmp_path / "clip").attach(clipped, opt)
-    for s in range(3):
-        ids = batch_ids(s)
-        opt.zero_grad()
-        loss_fn(clipped, (x[ids], y[ids])).mean().backward()
-        torch.nn.utils.clip_grad_norm_(clipped.parameters(), 0.05)
-        rec.set_ids(ids)
-        opt.step()
-    rec.close()
+    clipped, clipped_path = clipped_run(tmp_path)
     with pytest.raises(ConfigurationError, match="cannot be replayed exactly"):
-        replay_outputs(clipped, rec.path, (x, y), loss_fn, xq, output_fn, np.ones((1, N)))
+        replay_outputs(clipped, clipped_path, (x, y), loss_fn, xq, output_fn, np.ones((1, N)))
 
 
 def test_a_small_weight_change_replayed_is_the_adjoint_derivative(tmp_path):
