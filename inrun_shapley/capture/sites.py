@@ -80,12 +80,15 @@ class Watched:
         tensor: the watched tensor (kept alive while watched, so its ``id`` stays its own).
         on_site: called once per use site at forward time (may raise to refuse the use).
         on_grad: called during backward with the use site's ``[n, *shape]`` per-sample gradient.
+        once: stop watching after the first use site (a module output; a later use of it is
+            then caught by the check on its whole gradient instead of being read).
     """
 
-    __slots__ = ("tensor", "on_site", "on_grad")
+    __slots__ = ("tensor", "on_site", "on_grad", "once")
 
-    def __init__(self, tensor: Tensor, on_site: Callable[[], None], on_grad: Callable[[Tensor], None]):
-        self.tensor, self.on_site, self.on_grad = tensor, on_site, on_grad
+    def __init__(self, tensor: Tensor, on_site: Callable[[], None], on_grad: Callable[[Tensor], None],
+                 once: bool = False):
+        self.tensor, self.on_site, self.on_grad, self.once = tensor, on_site, on_grad, once
 
 
 class BroadcastWatch(TorchFunctionMode):
@@ -127,8 +130,15 @@ class BroadcastWatch(TorchFunctionMode):
         """``shape`` is spread over the leading (sample) dimension of ``to``."""
         return len(to) > len(shape) or (len(shape) > 0 and shape[0] == 1 and self.n > 1)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing left to watch: the mode may leave the stack (it costs every op a Python call)."""
+        return not self.watched
+
     def _hook(self, w: Watched, expanded: Tensor, shape) -> None:
         w.on_site()
+        if w.once:
+            self.watched.pop(id(w.tensor), None)
         if expanded.requires_grad:
             n = self.n
             expanded.register_hook(lambda g: w.on_grad(per_sample_sum(g.detach(), shape, n)))

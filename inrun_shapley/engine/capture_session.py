@@ -251,6 +251,7 @@ class CaptureSession:
             warn_batch_statistics([name], stacklevel=2)
 
     def _capture(self, name: str, module, args, kwargs, output):
+        self._sites.settle()
         if not self.capturing() or not self._own_parameters(name, module):
             return None
         rule = self.modules[name].rule
@@ -332,9 +333,11 @@ class CaptureSession:
         if cap.per_sample:  # gathered per sample at the broadcasting op: this is their sum
             if not residual_ok(grad, cap.grad_outputs[j]):
                 raise SampleIdError(
-                    f"the output of module {name!r}, called without the batch dimension, was also used "
-                    "by an operation that does not broadcast it over the batch: its gradient cannot be "
-                    "split per sample. Combine it with the batch first (x = tok(idx) + pos(...))"
+                    f"the output of module {name!r}, called without the batch dimension, was used again "
+                    "after it first met the batch (or by an operation that does not broadcast it over the "
+                    "batch): only its first use is read per sample. Combine it with the batch once "
+                    "(x = tok(idx) + pos(...)) and use the sum, or call the module on positions of shape "
+                    "[1, T] (pos(torch.arange(T)[None])), which any number of uses broadcast exactly"
                 )
             return
         prev = cap.grad_outputs[j]

@@ -89,7 +89,14 @@ class UseSites:
             self._watch.push(n)
         for j, out in enumerate(outputs):
             if out.requires_grad and out.is_floating_point():
-                self._watch.watched[id(out)] = Watched(out, partial(_lacks_batch, cap, n), partial(_add, cap, j))
+                self._watch.watched[id(out)] = Watched(out, partial(_lacks_batch, cap, n), partial(_add, cap, j),
+                                                       once=True)
+
+    def settle(self) -> None:
+        """Leave the op stream once nothing is watched (outputs met the batch, no raw parameters):
+        called from module hooks, outside the mode's handler."""
+        if self._watch.on_stack and self._watch.idle:
+            self._watch.pop()
 
     def _check(self, name: str, pname: str, cap: Capture, j: int, grad: Tensor) -> None:
         if self._suspended():

@@ -180,7 +180,7 @@ def test_position_output_also_used_without_the_batch_is_refused():
     tokens = torch.randint(0, 11, (4, 7))
     tracker = ShapleyTracker(model, torch.optim.SGD(model.parameters(), lr=LR), val_data=(tokens,),
                              val_loss_fn=lambda m, b: _next_token_loss(m, *b))
-    with pytest.raises(SampleIdError, match=r"module 'pos', called without the batch dimension, was also used"):
+    with pytest.raises(SampleIdError, match=r"module 'pos', called without the batch dimension, was used again"):
         with tracker.batch(torch.arange(4)):
             _next_token_loss(model, tokens).mean().backward()
 
