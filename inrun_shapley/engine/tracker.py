@@ -34,7 +34,7 @@ from inrun_shapley.engine.directions import Estimator
 from inrun_shapley.engine.ids import as_sample_ids, sum_occurrences
 from inrun_shapley.engine.queries import QUERY_PATHS
 from inrun_shapley.engine import sharding
-from inrun_shapley.engine.scoring import grad_sq_norm, grads_zeroed, world_size
+from inrun_shapley.engine.scoring import grad_sq_norm, grad_versions, grads_zeroed, same_versions, world_size
 from inrun_shapley.engine.step_check import StepSumCheck, nonfinite_training_step
 from inrun_shapley.engine.step import PreStep, StepPipeline
 from inrun_shapley.engine.sinks import close_at_exit, close_sink
@@ -202,6 +202,7 @@ class ShapleyTracker:
         self.step = 0  # real optimizer steps seen
         self.skipped_steps = 0  # micro-batch groups dropped because their step never happened
         self._grad_sq_after_backward = None  # |ḡ|² at the end of backward: a device tensor
+        self._grads_at_backward = None  # which gradient tensors (and their versions) it was read from
         self._pre: PreStep | None = None  # the pre-hook's record of the step under way (None: scored)
         self._warned_no_backward_signal = False
         self._listeners: list = []
@@ -298,7 +299,7 @@ class ShapleyTracker:
             # found inf), so its micro-batches have no value.
             self._session.drop_pending()
             self.skipped_steps += 1
-            self._grad_sq_after_backward = None
+            self._grad_sq_after_backward = self._grads_at_backward = None
         if trained_signature(self.optimizer) != self._trained:
             self._plan()  # parameters started (or stopped) training since the last plan
         self._session.begin(ids)
@@ -310,6 +311,7 @@ class ShapleyTracker:
         scaling and gradient clipping applied to every sample's contribution.
         """
         self._grad_sq_after_backward = grad_sq_norm(self._params)
+        self._grads_at_backward = grad_versions(self._params)
 
     def end_batch(self) -> None:
         """Mark the end of the open (micro-)batch; it is scored at the next optimizer step."""
@@ -393,6 +395,7 @@ class ShapleyTracker:
             with self._suspend():
                 host = self._pipeline.after(
                     pre, self.step + 1, self._session, batches, grad_sq_backward=self._grad_sq_after_backward,
+                    grads_unchanged=same_versions(grad_versions(self._params), self._grads_at_backward),
                     grad_scale=kwargs.get("grad_scale"), found_inf=kwargs.get("found_inf"),
                     world_size=world_size(self.world_size))
         except BaseException as exc:
@@ -400,13 +403,13 @@ class ShapleyTracker:
             # its captured batches are dropped, so the next step starts clean
             ids = [int(i) for b in batches for i in b.ids.tolist()]
             self._session.finish_step()
-            self._grad_sq_after_backward = None
+            self._grad_sq_after_backward = self._grads_at_backward = None
             if isinstance(exc, NonFiniteError):
                 blame = nonfinite_training_step(self._params, self.step + 1, ids)
                 if blame is not None:
                     raise blame from exc
             raise
-        self._grad_sq_after_backward = None
+        self._grad_sq_after_backward = self._grads_at_backward = None
         if host.skipped:  # a fused optimizer skipped this step internally (found_inf)
             self._session.finish_step()
             return
