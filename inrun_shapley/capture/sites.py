@@ -12,7 +12,9 @@ sums it), but the gradient reaching the op that broadcasts it is still per sampl
 :class:`BroadcastWatch`, a ``TorchFunctionMode`` pushed only while a tracked micro-batch runs and
 only for models that have such tensors, catches that op: an elementwise op whose operands
 broadcast a watched tensor along a new leading dimension of the batch's size ``n`` (or along a
-leading dimension of 1), and ``expand``/``expand_as`` calls that do the same. It replaces the
+leading dimension of 1), and ``expand``/``expand_as`` calls that do the same; a watched module
+output passed first through a view or a cast that keeps its elements in order (``[None]``,
+``unsqueeze(0)``, ``view``, ``to(dtype)``) is followed through it. It replaces the
 watched operand by the same values expanded to the broadcast shape (a view: the op's result is
 identical) and hooks the expanded tensor; the hook's gradient, summed over the other broadcast
 dimensions (:func:`per_sample_sum`), is each sample's gradient with respect to the watched
@@ -41,6 +43,10 @@ _ELEMENTWISE = frozenset(
     for p, s in (("", ""), ("", "_"), ("__", "__"), ("__r", "__"), ("__i", "__"))
 ) | frozenset({"where", "addcmul", "addcdiv", "lerp", "maximum", "minimum", "multiply", "subtract"})
 _EXPANDS = frozenset({"expand", "expand_as"})
+# Ops that keep every element in order (a view or a cast): a watched module output passed
+# through them stays watched (``pos(torch.arange(T))[None]``, ``.unsqueeze(0)``, ``.to(dtype)``).
+_SAME_ELEMENTS = frozenset({"view", "reshape", "unsqueeze", "squeeze", "flatten", "__getitem__", "contiguous",
+                            "to", "float", "half", "bfloat16", "double", "type_as", "clone"})
 
 
 def per_sample_sum(grad: Tensor, shape: torch.Size, n: int) -> Tensor:
@@ -91,6 +97,11 @@ class Watched:
         self.tensor, self.on_site, self.on_grad, self.once = tensor, on_site, on_grad, once
 
 
+def _reshaped(on_grad: Callable[[Tensor], None], shape) -> Callable[[Tensor], None]:
+    """``on_grad`` of a tensor of ``shape``, fed the per-sample gradient of a same-elements view of it."""
+    return lambda g: on_grad(g.reshape(g.shape[0], *shape))
+
+
 class BroadcastWatch(TorchFunctionMode):
     """Expands watched tensors at the op that broadcasts them over the batch, and hooks them.
 
@@ -119,6 +130,13 @@ class BroadcastWatch(TorchFunctionMode):
                     out = func(*args, **kwargs)
                     if out.dim() > 0 and out.shape[0] == self.n and self._broadcasts(args[0].shape, out.shape):
                         self._hook(w, out, args[0].shape)
+                    return out
+            elif name in _SAME_ELEMENTS and args and isinstance(args[0], Tensor):
+                w = self._find(args[0])
+                if w is not None and w.once:
+                    out = func(*args, **kwargs)
+                    if isinstance(out, Tensor) and out.numel() == args[0].numel() and out.requires_grad:
+                        self.watched[id(out)] = Watched(out, w.on_site, _reshaped(w.on_grad, args[0].shape), once=True)
                     return out
         return func(*args, **kwargs)
 

@@ -165,6 +165,26 @@ def test_position_embedding_without_a_batch_dimension_is_valued_exactly(b, t):
     assert oracles.relative_error(got, ref) <= 1e-10, (got, ref)
 
 
+class PositionsViewed(TinyGPT):
+    """``pos(torch.arange(T))[None]`` and a cast before meeting the batch: followed through."""
+
+    def forward(self, tokens):
+        t = tokens.shape[1]
+        pos = self.pos(torch.arange(t))[None].to(self.tok.weight.dtype)
+        h = self.tok(tokens) + pos
+        return self.head(self.ln(h).reshape(-1, h.shape[-1]))
+
+
+@pytest.mark.parametrize("b, t", [(4, 9), (3, 7)])
+def test_position_output_viewed_before_the_batch_is_valued_exactly(b, t):
+    torch.manual_seed(3)
+    model = PositionsViewed("flat").double()
+    tokens = torch.randint(0, 11, (b, t))
+    val = (torch.randint(0, 11, (2, t)),)
+    got, ref, _ = sgd_values_and_reference(model, _next_token_loss, (tokens,), val)
+    assert oracles.relative_error(got, ref) <= 1e-10, (got, ref)
+
+
 class PositionsUsedTwice(TinyGPT):
     """The position table also enters the loss without meeting the batch: not splittable."""
 
