@@ -14,7 +14,8 @@ only for models that have such tensors, catches that op: an elementwise op whose
 broadcast a watched tensor along a new leading dimension of the batch's size ``n`` (or along a
 leading dimension of 1), and ``expand``/``expand_as`` calls that do the same; a watched module
 output passed first through a view or a cast that keeps its elements in order (``[None]``,
-``unsqueeze(0)``, ``view``, ``to(dtype)``) is followed through it. It replaces the
+``unsqueeze(0)``, ``view``, ``to(dtype)``) or through basic indexing (``pos(arange(L))[:T]``)
+is followed through it. It replaces the
 watched operand by the same values expanded to the broadcast shape (a view: the op's result is
 identical) and hooks the expanded tensor; the hook's gradient, summed over the other broadcast
 dimensions (:func:`per_sample_sum`), is each sample's gradient with respect to the watched
@@ -102,6 +103,24 @@ def _reshaped(on_grad: Callable[[Tensor], None], shape) -> Callable[[Tensor], No
     return lambda g: on_grad(g.reshape(g.shape[0], *shape))
 
 
+def _basic(key) -> bool:
+    """Basic indexing only (ints, slices, None, Ellipsis): the backward puts the gradient back in place."""
+    keys = key if isinstance(key, tuple) else (key,)
+    return all(k is None or k is Ellipsis or isinstance(k, (int, slice)) for k in keys)
+
+
+def _indexed(on_grad: Callable[[Tensor], None], source: Tensor, key) -> Callable[[Tensor], None]:
+    """``on_grad`` of ``source``, fed the per-sample gradient of ``source[key]`` (zero elsewhere)."""
+    shape, keys = source.shape, key if isinstance(key, tuple) else (key,)
+
+    def put(g: Tensor) -> None:
+        full = g.new_zeros(g.shape[0], *shape)
+        full[(slice(None),) + keys] = g
+        on_grad(full)
+
+    return put
+
+
 class BroadcastWatch(TorchFunctionMode):
     """Expands watched tensors at the op that broadcasts them over the batch, and hooks them.
 
@@ -135,8 +154,13 @@ class BroadcastWatch(TorchFunctionMode):
                 w = self._find(args[0])
                 if w is not None and w.once:
                     out = func(*args, **kwargs)
-                    if isinstance(out, Tensor) and out.numel() == args[0].numel() and out.requires_grad:
-                        self.watched[id(out)] = Watched(out, w.on_site, _reshaped(w.on_grad, args[0].shape), once=True)
+                    if isinstance(out, Tensor) and out.requires_grad:
+                        if out.numel() == args[0].numel():
+                            self.watched[id(out)] = Watched(out, w.on_site, _reshaped(w.on_grad, args[0].shape),
+                                                            once=True)
+                        elif name == "__getitem__" and _basic(args[1]):  # pos(arange(L))[:T]
+                            self.watched[id(out)] = Watched(out, w.on_site, _indexed(w.on_grad, args[0], args[1]),
+                                                            once=True)
                     return out
         return func(*args, **kwargs)
 

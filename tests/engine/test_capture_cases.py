@@ -166,11 +166,11 @@ def test_position_embedding_without_a_batch_dimension_is_valued_exactly(b, t):
 
 
 class PositionsViewed(TinyGPT):
-    """``pos(torch.arange(T))[None]`` and a cast before meeting the batch: followed through."""
+    """``pos(torch.arange(L))[None, :T]`` and a cast before meeting the batch: followed through."""
 
     def forward(self, tokens):
         t = tokens.shape[1]
-        pos = self.pos(torch.arange(t))[None].to(self.tok.weight.dtype)
+        pos = self.pos(torch.arange(8))[None, :t].to(self.tok.weight.dtype)  # a table of 8, sliced
         h = self.tok(tokens) + pos
         return self.head(self.ln(h).reshape(-1, h.shape[-1]))
 
