@@ -182,8 +182,10 @@ class CaptureSession:
     def attach(self) -> list:
         """Register the module hooks; returns their handles (also removed by :meth:`detach`)."""
         for name, tracked in self.modules.items():
-            if name in self._sites.modules:
-                continue  # scored from their use sites (begin() watches them)
+            if name in self._sites.modules:  # scored from their use sites, watched while their forward runs
+                self._handles.append(tracked.module.register_forward_pre_hook(self._site_forward_start))
+                self._handles.append(tracked.module.register_forward_hook(self._site_forward_end, always_call=True))
+                continue
             if tracked.rule.needs_rng:
                 self._handles.append(tracked.module.register_forward_pre_hook(partial(self._save_rng, name)))
             self._handles.append(tracked.module.register_forward_hook(partial(self._capture, name), with_kwargs=True))
@@ -234,10 +236,18 @@ class CaptureSession:
             self.open.inputs.update(_storage(t) for t in tensor_leaves((args, kwargs)))
             self._sites.forward_start(self.open, self.open.ids.numel())
 
+    def _site_forward_start(self, module, args) -> None:
+        if self.capturing():
+            self._sites.forward_start(self.open, self.open.ids.numel())
+
+    def _site_forward_end(self, module, args, output) -> None:
+        if self.capturing():
+            self._sites.forward_end()
+
     def _end_of_model_forward(self, module, args, output) -> None:
         """Every op of the forward ran: a call without the batch that no op broadcast is refused now."""
-        self._sites.forward_end()
         if self.capturing():
+            self._sites.forward_end()
             for name, cap, rows, _ in self.open.suspects:
                 self.open.check_suspect(name, cap, rows)
 

@@ -43,6 +43,7 @@ class UseSites:
         self._watch = BroadcastWatch(capturing)
         self._suspended = suspended
         self._needed: bool | None = True if self.modules else None  # None: probe the next micro-batch
+        self._depth = 0  # forwards under way (the model's, and those of modules holding watched parameters)
         self._handles: list = []
         self._totals: dict = {}
 
@@ -58,24 +59,31 @@ class UseSites:
                     self._handles.append(p.register_hook(partial(self._check, name, pname, cap, j)))
 
     def forward_start(self, mb, n: int) -> None:
-        """The model's forward starts on micro-batch ``mb`` of ``n`` samples: watch it if the
-        model needs it (the first forward is a probe)."""
+        """The model's forward, or the forward of a module holding watched parameters, starts on
+        micro-batch ``mb`` of ``n`` samples: watch it if the model needs it (the first forward
+        is a probe). Nested calls count: the watch ends with the outermost one."""
+        self._depth += 1
         if self._needed is not False:
             self._watch.push(n)
             for name, tracked in self.modules.items():
                 cap = mb.captures[name][0]
                 for j, p in enumerate(tracked.params.values()):
-                    if p.requires_grad:
+                    if p.requires_grad and id(p) not in self._watch.watched:
                         self._watch.watched[id(p)] = Watched(p, _nothing, partial(_add, cap, j))
 
     def forward_end(self) -> None:
-        """The model's forward returned: every broadcast over the batch has happened."""
+        """The forward that :meth:`forward_start` saw returned: at the outermost one every
+        broadcast over the batch has happened."""
+        self._depth = max(0, self._depth - 1)
+        if self._depth:
+            return
         if self._needed is None:  # probed one forward: nothing to watch in this model
             self._needed = False
         self._watch.pop()
 
     def stop(self) -> None:
         """The micro-batch closed: stop watching, drop the parameter hooks."""
+        self._depth = 0
         self._watch.pop()
         for h in self._handles:
             h.remove()

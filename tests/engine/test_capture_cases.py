@@ -359,3 +359,40 @@ def test_raw_parameter_used_without_broadcasting_over_the_batch_is_refused():
     with pytest.raises(UnsupportedModuleError, match=r"parameter 'pos_embed' of module '<root>'.*exclude=\[''\]"):
         with tracker.batch(torch.arange(4)):
             _mse(model, x, x[:, 0, :1]).mean().backward()
+
+
+class LayerScaled(nn.Module):
+    """A raw layer-scale parameter beside a child layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.gamma = nn.Parameter(torch.full((2,), 0.5))
+
+    def forward(self, x):
+        return self.gamma * self.lin(x)
+
+
+class Wrapper(nn.Module):
+    """Like a LightningModule whose training step calls ``self.net(x)``, not its own forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = LayerScaled()
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_raw_parameter_is_watched_when_the_models_own_forward_is_bypassed():
+    torch.manual_seed(4)
+    model = Wrapper().double()
+    x, y = torch.randn(4, 3).double(), torch.randn(4, 2).double()
+    val = (torch.randn(3, 3).double(), torch.randn(3, 2).double())
+
+    def rows_loss(f, a, b):
+        return ((getattr(f, "net", f)(a) - b) ** 2).mean(1)  # the tracked run calls model.net directly
+
+    got, ref, tracker = sgd_values_and_reference(model, rows_loss, (x, y), val)
+    assert {r.name: r.rule for r in tracker.report()}["net"] == "parameter-sites"
+    assert oracles.relative_error(got, ref) <= 1e-10, (got, ref)
