@@ -52,11 +52,11 @@ from inrun_shapley.batches import detach, leading_dim
 from inrun_shapley.capture import Capture
 from inrun_shapley.capture.registry import autocast_state
 from inrun_shapley.capture.norm import BATCH_STATISTICS, uses_batch_statistics
-from inrun_shapley.capture.outputs import map_outputs, tensor_leaves
+from inrun_shapley.capture.outputs import tensor_leaves
 from inrun_shapley.capture.sites import residual_ok
 from inrun_shapley.engine.ids import as_sample_ids
 from inrun_shapley.engine.tracked import TrackedModule, warn_batch_statistics
-from inrun_shapley.engine.use_sites import UseSites
+from inrun_shapley.engine.use_sites import UseSites, expand_shared
 from inrun_shapley.errors import SampleIdError, UnsupportedModuleError
 
 __all__ = ["CaptureSession", "MicroBatch"]
@@ -287,7 +287,7 @@ class CaptureSession:
         suspect = not shared and rule.broadcastable and (
             rows != n_ids or (off_graph and bool(inputs) and _storage(inputs[0]) not in self.open.inputs))
         if shared:
-            args, kwargs, output = self._expand_shared(name, module, args, kwargs, output, n_ids)
+            args, kwargs, output = expand_shared(name, module, args, kwargs, output, n_ids)
         cap = Capture(args=detach(args), kwargs=detach(kwargs), rng_state=self._rng_states.pop(name, None),
                       autocast=autocast_state(inputs) if rule.needs_rng else None)
         outputs = tensor_leaves(output)
@@ -311,32 +311,6 @@ class CaptureSession:
             if off_graph:
                 self.open.data_rows.add(rows)  # rows no expanded output can have produced
         return output if shared else None
-
-    @staticmethod
-    def _expand_shared(name: str, module, args, kwargs, output, n: int):
-        """A call shared by the ``n`` samples: its first tensor input and its outputs expanded
-        from ``[1, ...]`` to ``[n, ...]`` (views; an output another hook already expanded stays)."""
-        def expand(t: Tensor) -> Tensor:
-            if t.dim() > 0 and t.shape[0] == 1:
-                return t.expand(n, *t.shape[1:])
-            if t.dim() > 0 and t.shape[0] == n or not t.is_floating_point():
-                return t
-            raise SampleIdError(
-                f"module {name!r} ({type(module).__name__}) was called on one row shared by the "
-                f"batch's {n} samples, but returned a tensor of shape {tuple(t.shape)}: a shared "
-                "module must keep the leading dimension of 1 in its outputs"
-            )
-
-        args = list(args)
-        for i, a in enumerate(args):
-            if isinstance(a, Tensor):
-                args[i] = a.expand(n, *a.shape[1:])
-                break
-        else:
-            kwargs = dict(kwargs)
-            key = next(k for k, v in kwargs.items() if isinstance(v, Tensor))
-            kwargs[key] = kwargs[key].expand(n, *kwargs[key].shape[1:])
-        return tuple(args), kwargs, map_outputs(expand, output)
 
     @staticmethod
     def _store_grad(name: str, cap: Capture, j: int, grad: Tensor) -> None:

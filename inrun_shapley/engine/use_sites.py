@@ -23,9 +23,10 @@ from torch import Tensor
 
 from inrun_shapley.capture import Capture
 from inrun_shapley.capture.sites import BroadcastWatch, ParameterSiteRule, Watched, residual_ok
-from inrun_shapley.errors import UnsupportedModuleError
+from inrun_shapley.capture.outputs import map_outputs
+from inrun_shapley.errors import SampleIdError, UnsupportedModuleError
 
-__all__ = ["UseSites"]
+__all__ = ["UseSites", "expand_shared"]
 
 
 class UseSites:
@@ -150,3 +151,31 @@ def _lacks_batch(cap: Capture, n: int) -> None:
 def _add(cap: Capture, j: int, grad: Tensor) -> None:
     prev = cap.grad_outputs[j]
     cap.grad_outputs[j] = grad if prev is None else prev + grad
+
+
+def expand_shared(name: str, module, args, kwargs, output, n: int):
+    """A call shared by the ``n`` samples (leading dimension 1): its first tensor input and its
+    outputs expanded from ``[1, ...]`` to ``[n, ...]`` (views; an output another hook already
+    expanded stays), so that every use of the output is per sample."""
+
+    def expand(t: Tensor) -> Tensor:
+        if t.dim() > 0 and t.shape[0] == 1:
+            return t.expand(n, *t.shape[1:])
+        if t.dim() > 0 and t.shape[0] == n or not t.is_floating_point():
+            return t
+        raise SampleIdError(
+            f"module {name!r} ({type(module).__name__}) was called on one row shared by the "
+            f"batch's {n} samples, but returned a tensor of shape {tuple(t.shape)}: a shared "
+            "module must keep the leading dimension of 1 in its outputs"
+        )
+
+    args = list(args)
+    for i, a in enumerate(args):
+        if isinstance(a, Tensor):
+            args[i] = a.expand(n, *a.shape[1:])
+            break
+    else:
+        kwargs = dict(kwargs)
+        key = next(k for k, v in kwargs.items() if isinstance(v, Tensor))
+        kwargs[key] = kwargs[key].expand(n, *kwargs[key].shape[1:])
+    return tuple(args), kwargs, map_outputs(expand, output)
