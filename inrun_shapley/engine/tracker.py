@@ -34,7 +34,7 @@ from inrun_shapley.engine.directions import Estimator
 from inrun_shapley.engine.ids import as_sample_ids, sum_occurrences
 from inrun_shapley.engine.queries import QUERY_PATHS
 from inrun_shapley.engine import sharding
-from inrun_shapley.engine.scoring import grad_sq_norm, grad_versions, grads_zeroed, same_versions, world_size
+from inrun_shapley.engine.scoring import grad_sq_norm, grad_versions, grads_zeroed, world_size
 from inrun_shapley.engine.step_check import StepSumCheck, nonfinite_training_step
 from inrun_shapley.engine.step import PreStep, StepPipeline
 from inrun_shapley.engine.sinks import close_at_exit, close_sink
@@ -395,7 +395,10 @@ class ShapleyTracker:
             with self._suspend():
                 host = self._pipeline.after(
                     pre, self.step + 1, self._session, batches, grad_sq_backward=self._grad_sq_after_backward,
-                    grads_unchanged=same_versions(grad_versions(self._params), self._grads_at_backward),
+                    # not same_versions(...): GradScaler's unscale_ (torch._amp_foreach_non_finite_check_and_unscale_)
+                    # and FSDP2's sharded gradients change .grad without bumping its version counter, so equal
+                    # versions do not mean equal gradients (fp16 + GradScaler values came out ×loss-scale)
+                    grads_unchanged=False,
                     grad_scale=kwargs.get("grad_scale"), found_inf=kwargs.get("found_inf"),
                     world_size=world_size(self.world_size))
         except BaseException as exc:
