@@ -153,18 +153,6 @@ def test_position_embedding_alone_gets_each_samples_share():
     assert float(got.std()) > 0  # not one shared number
 
 
-@pytest.mark.parametrize("b, t", [(4, 7), (4, 9), (3, 4), (1, 5)])  # T = 6, 8 (a multiple of B), 3 (= B), B = 1
-def test_position_embedding_without_a_batch_dimension_is_valued_exactly(b, t):
-    """nanoGPT's ``pos(torch.arange(T))``, ``[T, d]``: exact whatever T is to B (never read as
-    flattened rows), and the model is not changed."""
-    torch.manual_seed(2)
-    model = TinyGPT("flat").double()
-    tokens = torch.randint(0, 11, (b, t))
-    val = (torch.randint(0, 11, (2, t)),)
-    got, ref, _ = sgd_values_and_reference(model, _next_token_loss, (tokens,), val)
-    assert oracles.relative_error(got, ref) <= 1e-10, (got, ref)
-
-
 class PositionsViewed(TinyGPT):
     """``pos(torch.arange(L))[None, :T]`` and a cast before meeting the batch: followed through."""
 
@@ -175,10 +163,15 @@ class PositionsViewed(TinyGPT):
         return self.head(self.ln(h).reshape(-1, h.shape[-1]))
 
 
-@pytest.mark.parametrize("b, t", [(4, 9), (3, 7)])
-def test_position_output_viewed_before_the_batch_is_valued_exactly(b, t):
-    torch.manual_seed(3)
-    model = PositionsViewed("flat").double()
+@pytest.mark.parametrize("model_cls, b, t", [
+    (TinyGPT, 4, 7), (TinyGPT, 4, 9), (TinyGPT, 3, 4), (TinyGPT, 1, 5),  # T = 6, 8 (a multiple of B), 3 (= B), B = 1
+    (PositionsViewed, 4, 9), (PositionsViewed, 3, 7),
+])
+def test_position_embedding_without_a_batch_dimension_is_valued_exactly(model_cls, b, t):
+    """nanoGPT's ``pos(torch.arange(T))``, ``[T, d]``, used directly or through a view, a slice
+    and a cast: exact whatever T is to B (never read as flattened rows), the model unchanged."""
+    torch.manual_seed(2)
+    model = model_cls("flat").double()
     tokens = torch.randint(0, 11, (b, t))
     val = (torch.randint(0, 11, (2, t)),)
     got, ref, _ = sgd_values_and_reference(model, _next_token_loss, (tokens,), val)
