@@ -233,33 +233,53 @@ class Workspace:
         return sum(t.numel() * t.element_size() for bufs in self._buffers.values() for t in bufs)
 
 
+BIG = 1 << 15
+"""Elements from which a fresh CPU tensor is worth avoiding (128 KiB of float32: glibc's default
+threshold for handing blocks straight to and from the system); smaller ones are computed
+list-wide out of place (one call for all of them)."""
+
+
+def _into(out: list, fresh, one) -> list:
+    """Results in ``out``'s large buffers (``one(i, buffer)`` per tensor) and, for the small
+    ones, fresh tensors from one list-wide call (``fresh(indices)``); the list of results."""
+    big = [i for i, o in enumerate(out) if o.numel() >= BIG]
+    res = list(out)
+    if len(big) < len(out):
+        small = [i for i, o in enumerate(out) if o.numel() < BIG]
+        for i, t in zip(small, fresh(small)):
+            res[i] = t
+    for i in big:
+        one(i, out[i])
+    return res
+
+
 def fe_add(a: list, b, alpha: float = 1.0, out: list | None = None) -> list:
-    """``a + alpha·b`` (``b`` a list or a scalar) list-wide, into ``out`` when given (one
-    ``out=`` call per tensor: torch's foreach ``out`` variants compute out of place and copy)."""
+    """``a + alpha·b`` (``b`` a list or a scalar) list-wide; with ``out``, the large tensors are
+    written into it (one ``out=`` call each: torch's foreach ``out`` variants compute out of
+    place and copy). Use the returned list."""
+    listed = isinstance(b, (list, tuple))
     if out is None:
-        return torch._foreach_add(a, b, alpha=alpha) if isinstance(b, (list, tuple)) else torch._foreach_add(a, b)
-    if isinstance(b, (list, tuple)):
-        for x, y, o in zip(a, b, out):
-            torch.add(x, y, alpha=alpha, out=o)
-    else:
-        for x, o in zip(a, out):
-            torch.add(x, b, out=o)
-    return out
+        return torch._foreach_add(a, b, alpha=alpha) if listed else torch._foreach_add(a, b)
+    if listed:
+        return _into(out, lambda ix: torch._foreach_add([a[i] for i in ix], [b[i] for i in ix], alpha=alpha),
+                     lambda i, o: torch.add(a[i], b[i], alpha=alpha, out=o))
+    return _into(out, lambda ix: torch._foreach_add([a[i] for i in ix], b), lambda i, o: torch.add(a[i], b, out=o))
 
 
 def fe_mul(a: list, b, out: list | None = None) -> list:
-    """``a · b`` (``b`` a list or a scalar) list-wide, into ``out`` when given."""
+    """``a · b`` (``b`` a list or a scalar) list-wide, as :func:`fe_add`."""
     if out is None:
         return torch._foreach_mul(a, b)
-    for i, (x, o) in enumerate(zip(a, out)):
-        torch.mul(x, b[i] if isinstance(b, (list, tuple)) else b, out=o)
-    return out
+    if isinstance(b, (list, tuple)):
+        return _into(out, lambda ix: torch._foreach_mul([a[i] for i in ix], [b[i] for i in ix]),
+                     lambda i, o: torch.mul(a[i], b[i], out=o))
+    return _into(out, lambda ix: torch._foreach_mul([a[i] for i in ix], b), lambda i, o: torch.mul(a[i], b, out=o))
 
 
 def fe_addcmul(a: list, b: list, c: list, value: float, out: list | None = None) -> list:
-    """``a + value·b·c`` list-wide, into ``out`` when given."""
+    """``a + value·b·c`` list-wide, as :func:`fe_add`."""
     if out is None:
         return torch._foreach_addcmul(a, b, c, value=value)
-    for x, y, z, o in zip(a, b, c, out):
-        torch.addcmul(x, y, z, value=value, out=o)
-    return out
+    return _into(out, lambda ix: torch._foreach_addcmul([a[i] for i in ix], [b[i] for i in ix], [c[i] for i in ix],
+                                                        value=value),
+                 lambda i, o: torch.addcmul(a[i], b[i], c[i], value=value, out=o))
