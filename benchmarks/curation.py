@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import cli
-from benchmarks.common.models import TinyTransformerLM
+from benchmarks.common.models import TinyTransformerLM, lm_losses
 from benchmarks.common.webtext import gzip_score, heuristic_score, make_corpus, to_sequences
 from inrun_shapley import ShapleyTracker
 from inrun_shapley.documents import document_values, negative_share
@@ -99,13 +99,8 @@ def build_data(cfg: Config) -> Data:
     return Data(corpus.docs, corpus.low, corpus.kind, seqs, doc_of, val, test)
 
 
-def lm_losses(model, seqs: torch.Tensor) -> torch.Tensor:
-    """``[m]`` per-row mean next-byte loss over non-pad targets (the tracker's per-sample loss)."""
-    tok, mask = token_losses(model, seqs)
-    return (tok * mask).sum(1) / mask.sum(1)
-
-
 def token_losses(model, seqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([m, t] next-byte losses, [m, t] mask of non-pad targets)``; ``lm_losses`` is their per-row mean."""
     logits = model(seqs[:, :-1])
     target = seqs[:, 1:]
     tok = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=0, reduction="none")
