@@ -17,8 +17,8 @@ from inrun_shapley.engine.sharding import is_sharded
 from inrun_shapley.engine.tracked import TrackedModule
 from inrun_shapley.host_reads import declared_read
 
-__all__ = ["ScoredStep", "captured_in_half", "grad_sq_norm", "grad_versions", "gradient_scale", "grads_zeroed",
-           "same_versions", "score_micro_batches", "world_size"]
+__all__ = ["ScoredStep", "captured_in_half", "grad_sq_norm", "gradient_scale", "grads_zeroed",
+           "score_micro_batches", "world_size"]
 
 
 def world_size(configured: int | None) -> int:
@@ -137,23 +137,6 @@ def grad_sq_norm(params: Sequence[Tensor]) -> Tensor | None:
         norms = torch._foreach_norm(gs, 2, dtype=up(gs[0]).dtype)
         total = total + torch.stack(norms).to(device, torch.float64).square().sum()
     return total
-
-
-def grad_versions(params: Sequence[Tensor]) -> list:
-    """Which gradient tensor each parameter holds and its in-place version counter (the tensors are
-    referenced, so their identity cannot be reused): lists equal by :func:`same_versions` mean no
-    gradient was replaced or modified in between (no clipping, no unscaling), so a norm read at
-    the first moment still holds at the second (no host read)."""
-    return [None if p.grad is None else (p.grad, p.grad._version) for p in params]
-
-
-def same_versions(a: list | None, b: list | None) -> bool:
-    """Two :func:`grad_versions` lists name the same tensors at the same versions."""
-    if a is None or b is None or len(a) != len(b):
-        return False
-    if is_sharded([x[0] for x in a if x is not None]):  # a DTensor's in-place ops need not bump its version
-        return False
-    return all(x is y if x is None or y is None else x[0] is y[0] and x[1] == y[1] for x, y in zip(a, b))
 
 
 def grads_zeroed(params: Sequence[Tensor]) -> bool:

@@ -120,7 +120,7 @@ class StepPipeline:
 
     # ------------------------------------------------------------------ (2)-(7) after the step
     def after(self, pre: PreStep, step: int, session: CaptureSession, batches: Sequence[MicroBatch], *,
-              grad_sq_backward: Tensor | None, grads_unchanged: bool = False, grad_scale=None, found_inf=None,
+              grad_sq_backward: Tensor | None, grad_scale=None, found_inf=None,
               world_size: int = 1) -> HostStep:
         """Step post-hook: the step's values, on the host, after one transfer.
 
@@ -129,8 +129,6 @@ class StepPipeline:
             step: the step that happened (1-based).
             session: the capture session; ``batches`` its micro-batches of this step.
             grad_sq_backward: ``|ḡ|²`` at the end of backward (device, float64), or None.
-            grads_unchanged: the gradients are the tensors that norm was read from, unmodified
-                (no clipping or unscaling since): the norm is not computed again.
             grad_scale: a fused optimizer's ``grad_scale`` (its ``p.grad`` is still scaled).
             found_inf: a fused optimizer's ``found_inf`` (the step was skipped where non-zero).
             world_size: data-parallel ranks averaging gradients.
@@ -166,7 +164,10 @@ class StepPipeline:
         scored = self.score(
             batches, self.modules, directions, theta=pre.module_theta, ghost=ghost, n_directions=n_dirs,
             per_query=self.per_query, keep_groups=self.keep_groups, device=self.device, dtype=self.compute_dtype)
-        now = None if grad_sq_backward is None else grad_sq_backward if grads_unchanged else grad_sq_norm(self.params)
+        # the norm is read again at the step, always: clipping rescales .grad, and GradScaler's unscale_
+        # and FSDP2's sharded gradients change it without bumping its version counter, so no
+        # cheaper test says the gradients are the ones seen at the end of backward
+        now = None if grad_sq_backward is None else grad_sq_norm(self.params)
         scale = gradient_scale(grad_sq_backward, now, world_size, grad_scale)
         # (6) the checks' inputs, folded with the values
         dots = None

@@ -25,20 +25,20 @@ import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterable
 
-import numpy as np
 import torch
 from torch import nn
 
 from inrun_shapley.engine.capture_session import CaptureSession
 from inrun_shapley.engine.directions import Estimator
 from inrun_shapley.engine.ids import as_sample_ids, sum_occurrences
-from inrun_shapley.engine.queries import QUERY_PATHS
 from inrun_shapley.engine import sharding
-from inrun_shapley.engine.scoring import grad_sq_norm, grad_versions, grads_zeroed, world_size
+from inrun_shapley.engine.scoring import grad_sq_norm, grads_zeroed, world_size
 from inrun_shapley.engine.step_check import StepSumCheck, nonfinite_training_step
 from inrun_shapley.engine.step import PreStep, StepPipeline
 from inrun_shapley.engine.sinks import close_at_exit, close_sink
 from inrun_shapley.engine.store import InMemoryValues
+from inrun_shapley.engine.options import check_options
+from inrun_shapley.engine.results import TrackerResults
 from inrun_shapley.engine.tracked import (
     ModuleReport, plan_modules, plan_parameters, trained_signature, untracked_trained,
 )
@@ -52,31 +52,7 @@ __all__ = ["ESTIMATORS", "Estimator", "ModuleReport", "ShapleyTracker"]
 ESTIMATORS = tuple(e.value for e in Estimator)
 
 
-def _check_options(estimator: Estimator, order: int, per_query: bool, query_path: str,
-                   val_sample_size: int | None, group_values: bool) -> None:
-    """Raise ConfigurationError on an inconsistent combination of tracker options."""
-    if order not in (1, 2):
-        raise ConfigurationError(f"order must be 1 or 2, got {order!r}")
-    if order == 2 and estimator is not Estimator.SHAPLEY:
-        raise ConfigurationError("order=2 is defined for estimator='shapley' only")
-    if per_query and order == 2 and query_path == "ghost":
-        raise ConfigurationError("second-order per-query values take the exact path: use query_path='exact' or 'auto'")
-    if per_query and val_sample_size is not None:
-        raise ConfigurationError("per_query values use every query at every step: leave val_sample_size=None")
-    if query_path not in QUERY_PATHS:
-        raise ConfigurationError(f"query_path must be one of {QUERY_PATHS}, got {query_path!r}")
-    if query_path != "auto" and not per_query:
-        raise ConfigurationError("query_path applies to per-query values: pass per_query=True")
-    if query_path == "ghost" and not estimator.has_ghost_form:
-        raise ConfigurationError(
-            f"the ghost path has no form for the {estimator.value!r} estimator (its Jacobian changes sign): "
-            "use query_path='exact' or 'auto'"
-        )
-    if per_query and group_values:
-        raise ConfigurationError("group_values are kept for the mean validation loss only (per_query=False)")
-
-
-class ShapleyTracker:
+class ShapleyTracker(TrackerResults):
     """Attach to a model and its optimizer; get each training sample's In-Run Shapley value.
 
     Args:
@@ -173,7 +149,7 @@ class ShapleyTracker:
         step_check: str = "warn",
     ):
         estimator = Estimator.parse(estimator)
-        _check_options(estimator, order, per_query, query_path, val_sample_size, group_values=False)
+        check_options(estimator, order, per_query, query_path, val_sample_size, group_values=False)
         if validation is None:
             if val_data is None:
                 raise ConfigurationError(
@@ -184,7 +160,7 @@ class ShapleyTracker:
                 validation_rows(val_data), val_loss_fn or default_loss,
                 sample_size=val_sample_size, batch_size=val_batch_size, seed=seed,
             )
-        _check_options(estimator, order, per_query, query_path, None, group_values)
+        check_options(estimator, order, per_query, query_path, None, group_values)
         self.model = model
         sharding.refuse_unsupported(model, optimizer)  # DeepSpeed ZeRO, FSDP1: say what to use instead
         self.optimizer = innermost_optimizer(optimizer)
@@ -202,7 +178,6 @@ class ShapleyTracker:
         self.step = 0  # real optimizer steps seen
         self.skipped_steps = 0  # micro-batch groups dropped because their step never happened
         self._grad_sq_after_backward = None  # |ḡ|² at the end of backward: a device tensor
-        self._grads_at_backward = None  # which gradient tensors (and their versions) it was read from
         self._pre: PreStep | None = None  # the pre-hook's record of the step under way (None: scored)
         self._warned_no_backward_signal = False
         self._listeners: list = []
@@ -299,7 +274,7 @@ class ShapleyTracker:
             # found inf), so its micro-batches have no value.
             self._session.drop_pending()
             self.skipped_steps += 1
-            self._grad_sq_after_backward = self._grads_at_backward = None
+            self._grad_sq_after_backward = None
         if trained_signature(self.optimizer) != self._trained:
             self._plan()  # parameters started (or stopped) training since the last plan
         self._session.begin(ids)
@@ -311,7 +286,6 @@ class ShapleyTracker:
         scaling and gradient clipping applied to every sample's contribution.
         """
         self._grad_sq_after_backward = grad_sq_norm(self._params)
-        self._grads_at_backward = grad_versions(self._params)
 
     def end_batch(self) -> None:
         """Mark the end of the open (micro-)batch; it is scored at the next optimizer step."""
@@ -395,10 +369,6 @@ class ShapleyTracker:
             with self._suspend():
                 host = self._pipeline.after(
                     pre, self.step + 1, self._session, batches, grad_sq_backward=self._grad_sq_after_backward,
-                    # not same_versions(...): GradScaler's unscale_ (torch._amp_foreach_non_finite_check_and_unscale_)
-                    # and FSDP2's sharded gradients change .grad without bumping its version counter, so equal
-                    # versions do not mean equal gradients (fp16 + GradScaler values came out ×loss-scale)
-                    grads_unchanged=False,
                     grad_scale=kwargs.get("grad_scale"), found_inf=kwargs.get("found_inf"),
                     world_size=world_size(self.world_size))
         except BaseException as exc:
@@ -406,13 +376,13 @@ class ShapleyTracker:
             # its captured batches are dropped, so the next step starts clean
             ids = [int(i) for b in batches for i in b.ids.tolist()]
             self._session.finish_step()
-            self._grad_sq_after_backward = self._grads_at_backward = None
+            self._grad_sq_after_backward = None
             if isinstance(exc, NonFiniteError):
                 blame = nonfinite_training_step(self._params, self.step + 1, ids)
                 if blame is not None:
                     raise blame from exc
             raise
-        self._grad_sq_after_backward = self._grads_at_backward = None
+        self._grad_sq_after_backward = None
         if host.skipped:  # a fused optimizer skipped this step internally (found_inf)
             self._session.finish_step()
             return
@@ -430,63 +400,3 @@ class ShapleyTracker:
             if hasattr(listener, "after_step"):
                 listener.after_step(self, self.step, host.ids)  # the rows' ids, repeats kept
         self._session.finish_step()
-
-    # -------------------------------------------------------------- results
-    @property
-    def values(self) -> np.ndarray:
-        """``[max_id + 1]`` run values (sum over steps); 0 for ids never seen."""
-        return self.store.values
-
-    @property
-    def counts(self) -> np.ndarray:
-        """``[max_id + 1]`` number of times each id was trained on: steps it took part in,
-        counting each occurrence when a batch drew it more than once (sampling with
-        replacement)."""
-        return self.store.counts
-
-    @property
-    def group_values(self) -> np.ndarray | None:
-        """``[max_id + 1, G]`` values split per tracked module (``group_names``), or None."""
-        return self.store.group_values
-
-    @property
-    def group_names(self) -> list[str]:
-        """Names of the groups of :attr:`group_values` (tracked modules, qualified names)."""
-        return list(self._modules)
-
-    def totals(self) -> dict[str, np.ndarray]:
-        """Sparse totals, for any id space (hashes, global row numbers): ``ids`` ``[n_seen]``
-        sorted and, aligned to them, ``value_sum`` (``[n_seen]`` or ``[n_seen, Q]``), ``count``
-        and with groups ``group_sum`` ``[n_seen, G]``; copies."""
-        return self.store.totals()
-
-    def step_values(self) -> dict[str, np.ndarray]:
-        """Every per-step record kept in memory, as one dict of flat, aligned arrays.
-
-        Returns:
-            ``{"step": [r] int64, "id": [r] int64, "value": [r] or [r, Q] float64}``, one row per
-            (step, sample) pair, in step order.
-
-        Raises:
-            ConfigurationError: per-step records are off (``record_steps=False``, the default).
-        """
-        if not self.store.record_steps:
-            raise ConfigurationError(
-                "per-step records are off (record_steps=False, the default, keeps per-id totals only): "
-                "pass ShapleyTracker(..., record_steps=True) to keep them in memory, or write a value log "
-                "(sink=ShapleyLogWriter(path) or log_dir=...) and read ShapleyLog.load(path).steps"
-            )
-        return self.store.step_table()
-
-    def report(self) -> list[ModuleReport]:
-        """How each module with trainable parameters is handled (tracked, excluded, unsupported)."""
-        return list(self._reports)
-
-    def state_dict(self) -> dict:
-        """Small resumable state: the step counter and the in-memory values."""
-        return {"step": self.step, "skipped_steps": self.skipped_steps, "values": self.store.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.store.load_state_dict(state["values"])
