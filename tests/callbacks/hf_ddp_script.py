@@ -3,13 +3,12 @@ to $RESULT_PATH. Each process takes 2 rows per micro-batch (the sequential sampl
 dealt out in turn), so each optimizer step sees the rows of the 1-process run with 4 rows per
 micro-batch."""
 
-import json
-import os
 
 import torch
 
 from inrun_shapley.callbacks import ShapleyTrainerCallback
 from tests.callbacks.hf_setup import EXCLUDE, corpus_data, train_with_trainer
+from tests.callbacks.integration_setup import write_result
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
@@ -19,5 +18,4 @@ if __name__ == "__main__":
                                  gradient_accumulation_steps=2, max_grad_norm=0.5)
     if trainer.is_world_process_zero():
         norms = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
-        with open(os.environ["RESULT_PATH"], "w") as f:
-            json.dump({"values": cb.values.tolist(), "counts": cb.counts.tolist(), "grad_norms": norms}, f)
+        write_result(cb, grad_norms=norms)

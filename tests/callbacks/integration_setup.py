@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -86,3 +89,10 @@ def trainer_kwargs(**kw):
 def close(a, b, rtol=1e-5):
     a, b = np.asarray(a, float), np.asarray(b, float)
     return a.shape == b.shape and float(np.abs(a - b).max()) <= rtol * float(np.abs(b).max())
+
+
+def write_result(adapter, **extra) -> None:
+    """Write a multi-process script's outcome to ``$RESULT_PATH`` as JSON: the adapter's merged
+    ``values`` and ``counts`` (lists indexed by id) and any ``extra`` fields. Call from one process."""
+    with open(os.environ["RESULT_PATH"], "w") as f:
+        json.dump({"values": adapter.values.tolist(), "counts": adapter.counts.tolist(), **extra}, f)

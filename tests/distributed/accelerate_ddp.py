@@ -1,7 +1,5 @@
 """2-process Accelerate run on CPU (debug_launcher); writes merged values to $RESULT_PATH."""
 
-import json
-import os
 
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -12,7 +10,7 @@ def train_fn():
 
     from inrun_shapley import IndexedDataset
     from inrun_shapley.callbacks import ShapleyHook
-    from tests.callbacks.integration_setup import data, make_model, make_optimizer
+    from tests.callbacks.integration_setup import data, make_model, make_optimizer, write_result
 
     train, val = data()
     accelerator = Accelerator(cpu=True)
@@ -30,8 +28,7 @@ def train_fn():
             opt.zero_grad()
     hook.close()
     if accelerator.is_main_process:
-        with open(os.environ["RESULT_PATH"], "w") as f:
-            json.dump({"values": hook.values.tolist(), "counts": hook.counts.tolist()}, f)
+        write_result(hook)
 
 
 if __name__ == "__main__":

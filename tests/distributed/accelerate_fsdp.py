@@ -12,7 +12,6 @@ checkpointing), the log flushed every step, rank 1 killed (``os._exit``) at the 
 run DDP (``--ddp``): Accelerate's FSDP ``save_state`` is not reachable with the CPU override.
 """
 
-import json
 import os
 import sys
 
@@ -26,7 +25,7 @@ if __name__ == "__main__":
 
     from inrun_shapley import IndexedDataset
     from inrun_shapley.callbacks import ShapleyHook
-    from tests.callbacks.integration_setup import data, make_model, make_optimizer
+    from tests.callbacks.integration_setup import data, make_model, make_optimizer, write_result
 
     train, val = data()
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
@@ -65,5 +64,4 @@ if __name__ == "__main__":
             opt.zero_grad()
     hook.close()
     if accelerator.is_main_process:
-        with open(os.environ["RESULT_PATH"], "w") as f:
-            json.dump({"values": hook.values.tolist(), "counts": hook.counts.tolist()}, f)
+        write_result(hook)

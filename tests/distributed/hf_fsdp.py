@@ -8,8 +8,6 @@ with ``fully_shard`` (each LlamaDecoderLayer, then the root). Each process takes
 micro-batch, so each optimizer step sees the rows of the 1-process run with 4 rows.
 """
 
-import json
-import os
 
 import torch
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
@@ -18,6 +16,7 @@ from transformers import Trainer
 from inrun_shapley import IndexedDataset
 from inrun_shapley.callbacks import ShapleyTrainerCallback
 from tests.callbacks.hf_setup import Rows, corpus_data, make_model, training_args
+from tests.callbacks.integration_setup import write_result
 
 FSDP_CONFIG = {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
 
@@ -43,5 +42,4 @@ if __name__ == "__main__":
     trainer.train()
     assert type(next(trainer.model.parameters())).__name__ == "DTensor", "the Trainer did not shard the model"
     if trainer.is_world_process_zero():
-        with open(os.environ["RESULT_PATH"], "w") as f:
-            json.dump({"values": cb.values.tolist(), "counts": cb.counts.tolist()}, f)
+        write_result(cb)

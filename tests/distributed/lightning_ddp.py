@@ -5,7 +5,6 @@ Lightning's automatic one reshuffles), so the global batch of each step equals t
 batch of 8.
 """
 
-import json
 import os
 
 import lightning.pytorch as pl
@@ -13,7 +12,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from inrun_shapley import IndexedDataset
 from inrun_shapley.callbacks import ShapleyCallback
-from tests.callbacks.integration_setup import data, lightning_module_class, trainer_kwargs
+from tests.callbacks.integration_setup import data, lightning_module_class, trainer_kwargs, write_result
 
 if __name__ == "__main__":
     train, val = data()
@@ -23,5 +22,4 @@ if __name__ == "__main__":
     sampler = DistributedSampler(IndexedDataset(train), num_replicas=2, rank=rank, shuffle=False)
     trainer.fit(lightning_module_class()(), DataLoader(IndexedDataset(train), batch_size=4, sampler=sampler))
     if trainer.global_rank == 0:
-        with open(os.environ["RESULT_PATH"], "w") as f:
-            json.dump({"values": cb.values.tolist(), "counts": cb.counts.tolist()}, f)
+        write_result(cb)

@@ -10,7 +10,6 @@ step, and rank 1 killed (``os._exit``) at the start of step 7. ``resume``: conti
 (``fit(ckpt_path=...)``), as after a crash.
 """
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from inrun_shapley import IndexedDataset
 from inrun_shapley.callbacks import ShapleyCallback
-from tests.callbacks.integration_setup import data, lightning_module_class, trainer_kwargs
+from tests.callbacks.integration_setup import data, lightning_module_class, trainer_kwargs, write_result
 
 
 def sharded_module():
@@ -67,5 +66,4 @@ if __name__ == "__main__":
     trainer.fit(sharded_module(), DataLoader(IndexedDataset(train), batch_size=4, sampler=sampler),
                 ckpt_path=ckpt_path)
     if trainer.global_rank == 0:
-        with open(os.environ["RESULT_PATH"], "w") as f:
-            json.dump({"values": cb.values.tolist(), "counts": cb.counts.tolist()}, f)
+        write_result(cb)
