@@ -96,3 +96,19 @@ def write_result(adapter, **extra) -> None:
     ``values`` and ``counts`` (lists indexed by id) and any ``extra`` fields. Call from one process."""
     with open(os.environ["RESULT_PATH"], "w") as f:
         json.dump({"values": adapter.values.tolist(), "counts": adapter.counts.tolist(), **extra}, f)
+
+
+def assert_equals_one_process(result, log_dir=None, *, last_step=None) -> None:
+    """A multi-process run's outcome (:func:`write_result`) equals the one-process tracker on the
+    same global batches of 8 (:func:`plain_values`); with ``log_dir``, so do its merged log's
+    values; with ``last_step``, the log's counts too and its last step (a resumed run counts no
+    step twice)."""
+    from inrun_shapley.log import ShapleyLog
+
+    ref, counts = plain_values(batch_size=8)
+    assert close(result["values"], ref) and np.array_equal(result["counts"], counts)
+    if log_dir is not None:
+        log = ShapleyLog.load(log_dir)
+        assert close(log.values, ref)
+        if last_step is not None:
+            assert np.array_equal(log.counts, counts) and log.last_step == last_step

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from inrun_shapley import IndexedDataset, SampleIdError, UnsupportedOptimizerError
 from inrun_shapley.callbacks import ShapleyCallback, ShapleyHook
 from tests.callbacks.integration_setup import (
+    assert_equals_one_process,
     close,
     data,
     lightning_module_class,
@@ -163,18 +164,13 @@ def _run_distributed(script: str, tmp_path: Path) -> dict:
 @pytest.mark.distributed
 def test_lightning_ddp_two_processes_equals_one(tmp_path):
     result = _run_distributed("lightning_ddp.py", tmp_path)
-    ref, counts = plain_values(batch_size=8)
-    assert close(result["values"], ref) and np.array_equal(result["counts"], counts)
-    from inrun_shapley.log import ShapleyLog
-
-    assert close(ShapleyLog.load(tmp_path / "log").values, ref)
+    assert_equals_one_process(result, tmp_path / "log")
 
 
 @pytest.mark.distributed
 def test_accelerate_two_processes_equals_one(tmp_path):
     result = _run_distributed("accelerate_ddp.py", tmp_path)
-    ref, counts = plain_values(batch_size=8)
-    assert close(result["values"], ref) and np.array_equal(result["counts"], counts)
+    assert_equals_one_process(result)
 
 
 def test_lightning_records_the_trajectory_for_the_adjoint_pass(tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from inrun_shapley.log import ShapleyLog
-from tests.callbacks.integration_setup import close, plain_values
+from tests.callbacks.integration_setup import assert_equals_one_process, close
 from tests.distributed.fsdp_setup import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,16 +58,12 @@ def run_script(script: str, tmp_path: Path, *args: str) -> dict:
 
 def test_lightning_fsdp2_strategy_equals_one_process(tmp_path):
     result = run_script("lightning_fsdp.py", tmp_path)
-    ref, counts = plain_values(batch_size=8)
-    assert close(result["values"], ref) and np.array_equal(result["counts"], counts)
-    assert close(ShapleyLog.load(tmp_path / "log").values, ref)
+    assert_equals_one_process(result, tmp_path / "log")
 
 
 def test_accelerate_fsdp2_plugin_equals_one_process(tmp_path):
     result = run_script("accelerate_fsdp.py", tmp_path)
-    ref, counts = plain_values(batch_size=8)
-    assert close(result["values"], ref) and np.array_equal(result["counts"], counts)
-    assert close(ShapleyLog.load(tmp_path / "log").values, ref)
+    assert_equals_one_process(result, tmp_path / "log")
 
 
 @pytest.mark.slow
@@ -75,10 +71,8 @@ def test_lightning_fsdp2_killed_rank_resumes_to_the_uninterrupted_values(tmp_pat
     torchrun("lightning_fsdp.py", ["crash"], tmp_path, fails=True)  # rank 1 dies at step 7
     assert json.loads((tmp_path / "log" / "rank1" / "meta.json").read_text())["last_step"] == 6
     result = run_script("lightning_fsdp.py", tmp_path, "resume")  # from the step-4 checkpoint
-    ref, counts = plain_values(batch_size=8)
-    assert close(result["values"], ref) and np.array_equal(result["counts"], counts)
-    log = ShapleyLog.load(tmp_path / "log")  # steps 5-6 were in the log already: not counted twice
-    assert close(log.values, ref) and np.array_equal(log.counts, counts) and log.last_step == 8
+    # steps 5-6 were in the log already: not counted twice
+    assert_equals_one_process(result, tmp_path / "log", last_step=8)
 
 
 @pytest.mark.slow
@@ -109,7 +103,4 @@ def test_accelerate_killed_rank_resumes_each_rank_from_its_own_cursor(tmp_path):
     rank's cursor (DDP here: Accelerate's FSDP save_state is not reachable on CPU)."""
     torchrun("accelerate_fsdp.py", ["crash", "--ddp"], tmp_path, fails=True)
     result = run_script("accelerate_fsdp.py", tmp_path, "resume", "--ddp")
-    ref, counts = plain_values(batch_size=8)
-    assert close(result["values"], ref) and np.array_equal(result["counts"], counts)
-    log = ShapleyLog.load(tmp_path / "log")
-    assert close(log.values, ref) and np.array_equal(log.counts, counts) and log.last_step == 8
+    assert_equals_one_process(result, tmp_path / "log", last_step=8)
