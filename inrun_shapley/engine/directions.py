@@ -75,9 +75,9 @@ class Estimator(str, Enum):
 
     @property
     def validation_point(self) -> str:
-        """Where the validation gradient is taken: ``"theta_t"`` (before the step, in the step
-        pre-hook) or ``"theta_half"`` (``θ_t + Δ(G/2)``, in the step post-hook, once the step's
-        gradient ``G`` is final: ``midpoint``)."""
+        """Where the validation gradient is taken, before the optimizer changes anything:
+        ``"theta_t"`` or ``"theta_half"`` (``θ_t + Δ(G/2)``, once the step's gradient ``G`` is
+        final: ``midpoint``)."""
         return "theta_half" if self is Estimator.MIDPOINT else "theta_t"
 
     @property
@@ -87,9 +87,9 @@ class Estimator(str, Enum):
 
     @property
     def needs_theta_before(self) -> bool:
-        """The parameters before the step are needed (L2 decay terms of the Jacobian; the
-        midpoint ``θ_t + Δ(G/2)``)."""
-        return self in (Estimator.LOO, Estimator.MIDPOINT)
+        """A copy of the parameters before the step is needed after it (the leave-one-out
+        Jacobian's L2 decay terms; the midpoint reads ``θ_t`` before the step, uncopied)."""
+        return self is Estimator.LOO
 
     @property
     def has_ghost_form(self) -> bool:
@@ -234,27 +234,23 @@ def step_terms(adapter: OptimizerAdapter, optimizer: torch.optim.Optimizer, para
 
 
 def midpoint_terms(adapter: OptimizerAdapter, optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
-                   param_group: Sequence[int], before: Sequence[dict], snapshots: Sequence[dict | None],
-                   theta_before: Sequence[Tensor], grad_divisor: Tensor | float | None = None,
+                   param_group: Sequence[int], grad_divisor: Tensor | float | None = None,
                    workspace: Workspace | None = None,
                    ) -> tuple[list[StepTerms | None], list[Tensor], list[Tensor | None]]:
-    """The midpoint rule's terms of each parameter, read in the step post-hook (docs/math.md §3.2).
+    """The midpoint rule's terms of each parameter, read once the step's gradients are final and
+    before the optimizer changes anything (docs/math.md §3.2).
 
-    With ``G`` the gradient the optimizer used (``p.grad / grad_divisor``: after unscaling and
-    clipping) and the optimizer state as it was before the step (reconstructed from the state
-    after it, or ``snapshots[i]`` taken in the pre-hook where reconstruction is not exact, e.g.
-    amsgrad), computes ``θ_half = θ_t + Δ(G/2)`` and ``J = dΔ/dg`` at ``G/2``: one list-wide
-    call of the family's ``midpoint_many`` per param group, no host read but the optimizer's
-    step counts (one read for the whole model, where they are tensors).
+    With ``G`` the gradient the optimizer is about to use (``p.grad / grad_divisor``: after
+    unscaling and clipping), the parameters still ``θ_t`` and the optimizer state as it is before
+    the step (exact: nothing is reconstructed or copied), computes ``θ_half = θ_t + Δ(G/2)`` and
+    ``J = dΔ/dg`` at ``G/2``: one list-wide call of the family's ``midpoint_many`` per param
+    group, no host read but the optimizer's step counts (one read for the whole model, where
+    they are tensors).
 
     Args:
         adapter: the optimizer family's adapter (its ``midpoint_many``).
-        optimizer: the innermost torch optimizer (state after the step).
-        params: the tracked parameters; ``param_group`` their group indices.
-        before: what ``adapter.before_step`` returned in the pre-hook, per parameter.
-        snapshots: ``adapter.snapshot_state`` per parameter from the pre-hook, or None to
-            reconstruct.
-        theta_before: each parameter before the step.
+        optimizer: the innermost torch optimizer (state before the step).
+        params: the tracked parameters (``θ_t``); ``param_group`` their group indices.
         grad_divisor: a fused optimizer's ``grad_scale`` (a tensor; its ``p.grad`` is still
             scaled), or None.
         workspace: buffers kept between steps for the kernels (the results live in them until
@@ -262,30 +258,30 @@ def midpoint_terms(adapter: OptimizerAdapter, optimizer: torch.optim.Optimizer, 
 
     Returns:
         ``(terms, theta_half, grads)``: per parameter its :class:`StepTerms` with ``jacobian`` set
-        (None for parameters the step did not update), ``θ_half`` in the parameter's dtype (``θ_t``
-        where not updated), and the gradient the optimizer used in the compute dtype.
+        (None for parameters the step does not update: those without a gradient), ``θ_half`` in
+        the parameter's dtype (``θ_t`` itself where not updated), and the gradient the optimizer
+        uses in the compute dtype.
     """
     groups, state = optimizer.param_groups, optimizer.state
     grads = _used_gradients(params, grad_divisor)
     n = len(params)
     terms: list[StepTerms | None] = [None] * n
-    theta_half: list[Tensor] = list(theta_before)
+    theta_half: list[Tensor] = [p.detach() for p in params]
     by_group: dict[int, list[int]] = {}
-    for i, p in enumerate(params):
-        if grads[i] is not None and (p in state or adapter.name == "sgd"):
+    for i in range(n):
+        if grads[i] is not None:  # torch's Adam and SGD update every parameter with a gradient
             by_group.setdefault(param_group[i], []).append(i)
     steps = host_steps([state.get(params[i], {}) for idx in by_group.values() for i in idx])
     k = 0
     for gi, idx in by_group.items():
         group = groups[gi]
-        ths = [up(theta_before[i]) for i in idx]
         halves, jacs = adapter.midpoint_many(  # θ_t + Δ(G/2) and J, list-wide
-            [grads[i] for i in idx], ths, group, [state.get(params[i], {}) for i in idx],
-            [snapshots[i] for i in idx] if snapshots else None, [before[i] for i in idx] if before else None,
-            steps[k:k + len(idx)], plus_theta=True, workspace=None if workspace is None else workspace.scope(gi))
+            [grads[i] for i in idx], [up(theta_half[i]) for i in idx], group,
+            [state.get(params[i], {}) for i in idx], steps[k:k + len(idx)], plus_theta=True,
+            workspace=None if workspace is None else workspace.scope(gi))
         k += len(idx)
         lr = as_float(group["lr"])
         for i, h, j in zip(idx, halves, jacs):
             terms[i] = StepTerms(lr=lr, coeff=1.0, jacobian=j)
-            theta_half[i] = h.to(theta_before[i].dtype)
+            theta_half[i] = h.to(params[i].dtype)
     return terms, theta_half, grads

@@ -21,7 +21,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -135,6 +135,15 @@ class GhostQueries:
     def _record(self, name: str, module, args, output) -> None:
         if torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad:
             self._calls[name].append((args[0].detach(), output))
+
+    def observe(self, forward: Callable[[], Tensor]) -> Tensor:
+        """Run one chunk's query forward (``forward()`` returns its losses, ``[m]`` or ``[m, T]``),
+        recording the ghost layers' calls in it and then each query's output gradients
+        (:meth:`recording`, :meth:`collect`); returns the losses."""
+        with self.recording():
+            losses = forward()
+        self.collect(losses)
+        return losses
 
     def collect(self, losses: Tensor) -> None:
         """Each query's own output gradients ``b_q`` from the chunk's losses (``[m]`` or ``[m, T]``).

@@ -109,16 +109,13 @@ class ShardedAdapter:
     def snapshot_state(self, group: dict, state: dict) -> dict:
         return self.inner.snapshot_state(group, _local(state))
 
-    def midpoint_step(self, g, theta, group, state_after, snapshot=None, before=None):
-        delta, jac = self.inner.midpoint_step(_local(g), _local(theta), group, _local(state_after),
-                                              _local(snapshot), _local(before))
+    def midpoint_step(self, g, theta, group, state_before):
+        delta, jac = self.inner.midpoint_step(_local(g), _local(theta), group, _local(state_before))
         return _like(delta, g), _like(jac, g)
 
-    def midpoint_many(self, grads, thetas, group, states_after, snapshots=None, befores=None, steps=None,
-                      plus_theta=False, workspace=None):
-        deltas, jacs = self.inner.midpoint_many(_local(grads), _local(thetas), group, _local(states_after),
-                                                _local(snapshots), _local(befores), steps, plus_theta=plus_theta,
-                                                workspace=workspace)
+    def midpoint_many(self, grads, thetas, group, states_before, steps=None, plus_theta=False, workspace=None):
+        deltas, jacs = self.inner.midpoint_many(_local(grads), _local(thetas), group, _local(states_before), steps,
+                                                plus_theta=plus_theta, workspace=workspace)
         return [_like(d, g) for d, g in zip(deltas, grads)], [_like(j, g) for j, g in zip(jacs, grads)]
 
     def terms(self, grad, group, state, before, theta, need_drift, need_loo):

@@ -1,16 +1,18 @@
-"""One optimizer step of the tracker, as one pipeline read top to bottom (:meth:`StepPipeline.after`).
+"""One optimizer step of the tracker, as one pipeline read top to bottom.
 
-(1) :meth:`StepPipeline.before`, in the step pre-hook (parameters still ``theta_t``): what the
-post-hook can no longer read, returned as a :class:`PreStep` (the adapter's pre-step record,
-``theta_t`` where a rule or estimator needs it, and the validation gradient of estimators that
-take it at ``theta_t``). Then, in the post-hook, :meth:`StepPipeline.after`:
-(2) the step's terms from the optimizer state (the midpoint's ``θ_t + Δ(G/2)`` and ``J`` as
-list-wide kernels of the optimizer family, :mod:`~inrun_shapley.engine.directions`);
-(3) the validation gradient there, through wrappers built once (the model is never written:
-``torch.func.functional_call``); (4) the directions ``M``; (5) every captured micro-batch scored
+:meth:`StepPipeline.before` runs once the step's gradients are final and before the optimizer
+changes anything (the step pre-hook, or after the step's closure): the parameters are still
+``θ_t`` and the optimizer state is the one the step starts from, so nothing needs copying or
+reconstructing. (1) The adapter's pre-step record; (2) the step's terms: for the midpoint
+(the default) ``θ_t + Δ(G/2)`` and ``J`` as list-wide kernels of the optimizer family
+(:mod:`~inrun_shapley.engine.directions`); (3) the validation gradient at the estimator's point
+(``θ_half`` or ``θ_t``), through wrappers built once (the model is never written:
+``torch.func.functional_call``). It returns a :class:`PreStep`. Then, in the step post-hook,
+:meth:`StepPipeline.after`: (4) the directions ``M``; (5) every captured micro-batch scored
 into one values tensor on the device (:mod:`~inrun_shapley.engine.scoring`); (6) every check
 folded into flags on the device; (7) one transfer to the host (:mod:`~inrun_shapley.engine.step_io`).
-Nothing in (2)–(6) reads a value on the host, so on a GPU the step synchronizes once.
+Nothing in (1)–(6) reads a value on the host but the optimizer's step counts (one read for the
+whole model, where they are device tensors), so on a GPU the step synchronizes once more at most.
 """
 
 from __future__ import annotations
@@ -40,12 +42,12 @@ __all__ = ["PreStep", "StepPipeline"]
 
 @dataclass
 class PreStep:
-    """What the step pre-hook keeps for the post-hook (stage 1): references and the few copies
-    the state after the step cannot give back."""
+    """What :meth:`StepPipeline.before` hands the post-hook (stages 1–3)."""
 
     before: list = field(default_factory=list)  # the adapter's pre-step record per parameter
-    snapshots: list = field(default_factory=list)  # pre-step state copies where reconstruction is inexact
-    theta: list | None = None  # theta_t per parameter, where needed
+    theta: list | None = None  # theta_t per parameter, where needed (second order, loo)
+    terms: list | None = None  # the midpoint's step terms (its Jacobian) per parameter
+    grads: list | None = None  # the midpoint's: the gradients the step uses (compute dtype)
     module_theta: dict = field(default_factory=dict)  # theta_t of rules that read parameters
     val_grads: list | None = None  # validation gradient at theta_t (estimators that take it there)
     ghost: GhostQueries | None = None  # per-query ghost path: the query side taken with val_grads
@@ -87,38 +89,49 @@ class StepPipeline:
         self.compute_dtype = up(self.params[0].detach()).dtype
         self.device = self.params[0].device
 
-    # ------------------------------------------------------------------ (1) before the step
-    def before(self, step: int, session: CaptureSession) -> PreStep:
-        """Step pre-hook work (parameters are ``theta_t``; ``.grad`` is not read).
+    # ------------------------------------------------------------------ (1)-(3) before the step
+    def before(self, step: int, session: CaptureSession, grad_scale=None) -> PreStep:
+        """Stages (1)–(3), once the step's gradients are final and before the optimizer changes
+        anything (parameters are ``θ_t``, the optimizer state is the one the step starts from).
 
         Args:
             step: the step about to happen (1-based).
             session: the capture session (the per-query cost model reads its captures' shapes).
+            grad_scale: a fused optimizer's ``grad_scale`` (its ``p.grad`` is still scaled).
         """
         groups, state = self.optimizer.param_groups, self.optimizer.state
+        # (1) what the adapter and the rules need from before the step
         pre = PreStep(before=[self.adapter.before_step(groups[g], state.get(p, {}))
                               for p, g in zip(self.params, self.param_group)])
         pre.module_theta = {name: {pn: p.detach().clone() for pn, p in self.modules[name].params.items()}
                             for name in self.reading_modules}
-        if self.order == 2 or self.estimator.needs_theta_before:  # drift / L2 terms / midpoint need theta_t
+        if self.estimator is Estimator.MIDPOINT:
+            # (2) θ_t + Δ(G/2) and J from the state the step starts from, list-wide
+            divisor = None if grad_scale is None else torch.as_tensor(grad_scale, device=self.device)
+            pre.terms, theta_half, pre.grads = midpoint_terms(
+                self.adapter, self.optimizer, self.params, self.param_group, divisor, self.workspace)
+            # (3) the validation gradient there
+            if self.per_query:
+                pre.val_grads, pre.ghost = self._query_gradients(session, at=theta_half)
+            else:
+                pre.val_grads, _ = self.validation.gradient(self.model, self.params, step, at=theta_half,
+                                                            flags=pre.flags)
+            return pre
+        if self.order == 2 or self.estimator.needs_theta_before:  # drift / L2 terms need theta_t
             detached = [p.detach() for p in self.params]
             pre.theta = self.workspace.get("theta_t", detached)
             if pre.theta is None:
                 pre.theta = [p.clone() for p in detached]
             else:
                 torch._foreach_copy_(pre.theta, detached)
-        if self.estimator is Estimator.MIDPOINT:
-            # amsgrad's previous running max cannot always be reconstructed after the step: copy it
-            pre.snapshots = [self.adapter.snapshot_state(groups[g], state.get(p, {})) if groups[g].get("amsgrad")
-                             else None for p, g in zip(self.params, self.param_group)]
-        if self.order == 1 and self.estimator.validation_point == "theta_t":
+        if self.order == 1:  # (3) the validation gradient at θ_t
             if self.per_query:
                 pre.val_grads, pre.ghost = self._query_gradients(session)
             else:
                 pre.val_grads, _ = self.validation.gradient(self.model, self.params, step, flags=pre.flags)
         return pre
 
-    # ------------------------------------------------------------------ (2)-(7) after the step
+    # ------------------------------------------------------------------ (4)-(7) after the step
     def after(self, pre: PreStep, step: int, session: CaptureSession, batches: Sequence[MicroBatch], *,
               grad_sq_backward: Tensor | None, grad_scale=None, found_inf=None,
               world_size: int = 1) -> HostStep:
@@ -134,29 +147,18 @@ class StepPipeline:
             world_size: data-parallel ranks averaging gradients.
         """
         flags = list(pre.flags)
-        # (2) the step's terms, and the gradient the optimizer used
-        divisor = None if grad_scale is None else torch.as_tensor(grad_scale, device=self.device)
-        if self.estimator is Estimator.MIDPOINT:
-            terms, theta_half, grads = midpoint_terms(
-                self.adapter, self.optimizer, self.params, self.param_group, pre.before, pre.snapshots, pre.theta,
-                divisor, self.workspace)
-            pre.theta = None  # θ_t is no longer needed: free it before the validation pass
-            # (3) the validation gradient at θ_t + Δ(G/2)
-            if self.per_query:
-                val_grads, ghost = self._query_gradients(session, at=theta_half)
-            else:
-                (val_grads, _), ghost = self.validation.gradient(
-                    self.model, self.params, step, at=theta_half, flags=flags), None
-            del theta_half
-            hvps = None
-        else:
+        hvps = None
+        if self.estimator is Estimator.MIDPOINT:  # (2)-(3) done before the step
+            terms, grads, val_grads, ghost = pre.terms, pre.grads, pre.val_grads, pre.ghost
+        else:  # (2) the fixed-state terms from the state after the step
+            divisor = None if grad_scale is None else torch.as_tensor(grad_scale, device=self.device)
             terms, grads = step_terms(
                 self.adapter, self.optimizer, self.params, self.param_group, pre.before, pre.theta,
                 need_drift=self.order == 2, need_loo=self.estimator.needs_loo_jacobian, grad_divisor=divisor)
             if self.order == 2:  # (3) g_v and H_v u at theta_t
                 (val_grads, hvps), ghost = self._second_order_terms(step, terms, grads, pre.theta, flags), None
             else:
-                val_grads, hvps, ghost = pre.val_grads, None, pre.ghost
+                val_grads, ghost = pre.val_grads, pre.ghost
         # (4) the directions M
         directions = self._directions(terms, val_grads, hvps, ghost)
         # (5) every captured micro-batch scored on the device
@@ -218,7 +220,7 @@ class StepPipeline:
         exact = [i for i, p in enumerate(self.params) if id(p) not in ghost.param_ids]
         point = None if at is None else {id(p): at[i] for i, p in enumerate(self.params) if id(p) in ghost.param_ids}
         grads = self.validation.query_gradients(
-            self.model, [self.params[i] for i in exact], ghost=ghost,
+            self.model, [self.params[i] for i in exact], observe=ghost.observe,
             at=None if at is None else [at[i] for i in exact], point=point,
         )
         out: list = [None] * len(self.params)

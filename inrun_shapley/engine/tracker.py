@@ -325,13 +325,35 @@ class ShapleyTracker(TrackerResults):
         return self._session.suspend()
 
     # ------------------------------------------------------------ step hooks
-    def _before_step(self, optimizer, args, kwargs) -> None:
-        """Step pre-hook: parameters are still theta_t. Never reads ``.grad``."""
+    def _before_step(self, optimizer, args, kwargs):
+        """Step pre-hook: parameters are still ``θ_t``. The pipeline's first stages need the
+        step's final gradients: without a closure they are in ``.grad`` now; with one (Lightning's
+        automatic optimization), the forward and backward run inside ``step()``, so the closure
+        is wrapped and the stages run right after it, still before the optimizer's update."""
         for listener in self._listeners:
             if hasattr(listener, "before_step"):
                 listener.before_step(self, self.step + 1)
+        self._pre = None
+        kwargs = dict(kwargs or {})
+        grad_scale = kwargs.get("grad_scale")
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0]: the optimizer
+        if closure is None:
+            self._run_before(grad_scale)
+            return None
+
+        def closure_then_stages():
+            loss = closure()
+            self._run_before(grad_scale)
+            return loss
+
+        if "closure" in kwargs:
+            kwargs["closure"] = closure_then_stages
+            return args, kwargs
+        return (args[0], closure_then_stages, *args[2:]), kwargs
+
+    def _run_before(self, grad_scale) -> None:
         with self._suspend():
-            self._pre = self._pipeline.before(self.step + 1, self._session)
+            self._pre = self._pipeline.before(self.step + 1, self._session, grad_scale=grad_scale)
 
     @property
     def query_plan(self):

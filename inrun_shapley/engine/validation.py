@@ -278,7 +278,7 @@ class ValidationObjective:
         grads = [up(torch.zeros_like(p)) if gr is None else gr for p, gr in zip(params, grads)]
         return grads, hvps
 
-    def query_gradients(self, model: nn.Module, params: Sequence[Tensor], ghost=None, hvp_vectors=None, at=None,
+    def query_gradients(self, model: nn.Module, params: Sequence[Tensor], observe=None, hvp_vectors=None, at=None,
                         point=None):
         """Gradient of every query's own loss: one ``[Q, *param.shape]`` tensor per parameter.
 
@@ -287,9 +287,10 @@ class ValidationObjective:
         row-major). One batched backward per chunk of rows (``is_grads_batched``), falling back
         to one backward per query for operations without a batching rule.
 
-        ``ghost`` (a :class:`~inrun_shapley.engine.ghost.GhostQueries`) also records, in the same
-        forward, the query-side captures of the ghost-path layers (``params`` then holds only
-        the parameters left on the exact path, possibly none).
+        ``observe``: called with each chunk's forward (a function of no arguments returning the
+        chunk's per-query losses), it runs it and returns the losses; whoever scores some layers
+        another way records what it needs from the same forward there (``params`` then holds
+        only the parameters whose gradients are wanted here, possibly none).
 
         ``hvp_vectors`` (one tensor per param, second order): also return every query's
         Hessian-vector product ``H_q u`` (``[Q, *shape]`` per param), i.e. ``(grads, hvps)``.
@@ -306,15 +307,16 @@ class ValidationObjective:
         with ctx, torch.enable_grad():
             values, leaves = parameter_values(model, params, at, point)
             for batch, rows in self.chunks(0):
-                with ghost.recording() if ghost is not None else _null():
+                def forward(batch=batch, rows=rows):
                     losses = self.per_sample_losses(model, batch, device, values)
-                if losses.dim() == 0 or losses.shape[0] != rows:
-                    raise ConfigurationError(
-                        "per-query values need val_loss_fn to return one loss per query row ([m]) or "
-                        f"per-token losses ([m, T]); got shape {tuple(losses.shape)} for {rows} rows"
-                    )
-                if ghost is not None:
-                    ghost.collect(losses)
+                    if losses.dim() == 0 or losses.shape[0] != rows:
+                        raise ConfigurationError(
+                            "per-query values need val_loss_fn to return one loss per query row ([m]) or "
+                            f"per-token losses ([m, T]); got shape {tuple(losses.shape)} for {rows} rows"
+                        )
+                    return losses
+
+                losses = forward() if observe is None else observe(forward)
                 if not params:
                     continue
                 flat = up(losses).reshape(-1)

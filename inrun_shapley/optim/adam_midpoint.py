@@ -1,6 +1,7 @@
 """Adam/AdamW's midpoint pass (docs/math.md §3.2): ``θ_t + Δ(G/2)`` and ``dΔ/dg`` at ``G/2`` for a
-whole param group at once, from the state after the step, as list-wide kernels (the tracker's
-hot path; the per-parameter :func:`midpoint_step` is the same kernel on one parameter).
+whole param group at once, from the state BEFORE the step, as list-wide kernels (the tracker's
+hot path, run once the step's gradient is final and before the optimizer changes anything; the
+per-parameter :func:`midpoint_step` is the same kernel on one parameter).
 
 Names and conventions as in :mod:`inrun_shapley.optim.adam`.
 """
@@ -11,53 +12,48 @@ import torch
 from torch import Tensor
 
 from inrun_shapley.optim.adam import (
-    EXP_AVG, EXP_AVG_SQ, STEP, AdamHyper, _bias_corrections, as_float, hyper, state_before_step, update,
-    update_jacobian_diag,
+    EXP_AVG, EXP_AVG_SQ, STEP, AdamHyper, _bias_corrections, as_float, hyper, update, update_jacobian_diag,
 )
 from inrun_shapley.optim.base import Workspace, fe_add, fe_addcmul, fe_mul
 
 __all__ = ["midpoint_many", "midpoint_step"]
 
 
-def midpoint_step(g: Tensor, theta: Tensor | None, group: dict, state_after: dict,
-                  snapshot: dict | None = None, before: dict | None = None) -> tuple[Tensor, Tensor]:
-    """``(Δ(g/2), dΔ/dg at g/2)`` of one parameter, from the state AFTER a step that used ``g``
-    (:func:`midpoint_many` on one parameter; args as there, one of each)."""
-    deltas, jacs = midpoint_many([g], [theta], group, [state_after], [snapshot])
+def midpoint_step(g: Tensor, theta: Tensor | None, group: dict, state_before: dict) -> tuple[Tensor, Tensor]:
+    """``(Δ(g/2), dΔ/dg at g/2)`` of one parameter, from its state before the step
+    (:func:`midpoint_many` on one parameter)."""
+    deltas, jacs = midpoint_many([g], [theta], group, [state_before])
     return deltas[0], jacs[0]
 
 
-def midpoint_many(grads: list[Tensor], thetas: list[Tensor | None], group: dict, states_after: list[dict],
-                  snapshots: list[dict | None] | None = None, befores: list | None = None,
-                  steps: list[float] | None = None, plus_theta: bool = False,
+def midpoint_many(grads: list[Tensor], thetas: list[Tensor | None], group: dict, states_before: list[dict],
+                  steps: list[float | None] | None = None, plus_theta: bool = False,
                   workspace: Workspace | None = None) -> tuple[list[Tensor], list[Tensor]]:
-    """``(Δ(g/2), dΔ/dg at g/2)`` of every parameter of one param group, list-wide, from the state
-    AFTER a step that used gradients ``grads``.
+    """``(Δ(g/2), dΔ/dg at g/2)`` of every parameter of one param group, list-wide, from the
+    optimizer state BEFORE the step that uses gradients ``grads``.
 
-    The same numbers as ``update``/``update_jacobian_diag`` at ``g/2`` on the state before the
-    step (reconstructed as in :func:`state_before_step`), as multi-tensor (``torch._foreach_*``)
-    kernels over the whole list, with no host read: with ``A = β2·v = max(0, v_t - (1-β2)·g'²)``,
-    ``B = β1·m = m_t - (1-β1)·g'`` and ``g'_h`` the effective gradient at ``g/2``,
+    The same numbers as ``update``/``update_jacobian_diag`` at ``g/2``, as multi-tensor
+    (``torch._foreach_*``) kernels over the whole list, with no host read: with ``m, v`` the
+    moments before the step and ``g'_h`` the effective gradient at ``g/2``,
 
-        m'_h = B + (1-β1)·g'_h            v'_h = A + (1-β2)·g'_h²         s_h = sqrt(v'_h/b2)
+        m'_h = β1·m + (1-β1)·g'_h          v'_h = β2·v + (1-β2)·g'_h²         s_h = sqrt(v'_h/b2)
         Δ(g/2) = -lr·m'_h/(b1·(s_h+eps))  (AdamW: - lr·λ·θ)
-        dΔ/dg  = -sign·lr/b1 · ([(1-β1)·A - (1-β2)·B·g'_h]/b2 + (1-β1)·s_h·eps) / (s_h·(s_h+eps)²)
+        dΔ/dg  = -sign·lr/b1 · ([(1-β1)·β2·v - (1-β2)·β1·m·g'_h]/b2 + (1-β1)·s_h·eps) / (s_h·(s_h+eps)²)
 
     (the cancellation-free form of :func:`update_jacobian_diag`; ``(1-β1)/(b1·eps)`` where
-    ``v'_h = 0``: there ``A = g'_h = 0``, the bracket is exactly 0 and ``s_h + eps = eps``;
-    see :func:`_midpoint_foreach` for how that case is computed without a host read).
+    ``v'_h = 0``, see :func:`_midpoint_foreach`). Amsgrad goes through the per-parameter
+    functions (exact: its old running maximum is still in the state).
 
     Args:
-        grads: the gradients the step used (after unscaling and clipping), compute dtype.
-        thetas: the parameters before the step (compute dtype; needed with weight decay).
+        grads: the gradients the step uses (after unscaling and clipping), compute dtype.
+        thetas: the parameters before the step (compute dtype; needed with weight decay, and
+            with ``plus_theta``).
         group: the param group they share.
-        states_after: ``optimizer.state[p]`` after the step, per parameter.
-        snapshots: :func:`snapshot_state` taken before the step per parameter (exact; needed for
-            amsgrad's old maximum), or None entries to reconstruct.
-        befores: unused (the SGD family's pre-hook record; same signature).
+        states_before: ``optimizer.state[p]`` before the step, per parameter (``{}`` before the
+            first step). Nothing in them is written.
         steps: each state's ``step`` as a host float (read once for the whole model by the
-            caller), or None to read it here.
-        plus_theta: return ``θ + Δ(g/2)`` instead of ``Δ(g/2)`` (fused: one pass fewer).
+            caller; None entries: no step yet, or read here).
+        plus_theta: return ``θ + Δ(g/2)`` instead of ``Δ(g/2)`` (fused: no pass of its own).
         workspace: buffers kept between steps (:class:`~inrun_shapley.optim.base.Workspace`); the
             results then live in it and are valid until the next call with it.
 
@@ -67,16 +63,15 @@ def midpoint_many(grads: list[Tensor], thetas: list[Tensor | None], group: dict,
     """
     h = hyper(group)
     n = len(grads)
-    ts = [as_float(st[STEP]) if steps is None or steps[i] is None else steps[i] for i, st in enumerate(states_after)]
+    # this step's count: one more than the state's (1 before the first step)
+    ts = [(as_float(st[STEP]) if st and STEP in st else 0.0) + 1.0 if steps is None or steps[i] is None
+          else steps[i] + 1.0 for i, st in enumerate(states_before)]
     deltas: list = [None] * n
     jacs: list = [None] * n
     buckets: dict[float, list[int]] = {}
     for i in range(n):
-        snap = snapshots[i] if snapshots else None
-        if snap is not None or h.amsgrad:  # the exact pre-step state: elementwise, per parameter
-            after = {**states_after[i], STEP: ts[i]}
-            before = {**snap, STEP: ts[i] - 1.0} if snap else snap
-            before = before if before is not None else state_before_step(after, grads[i], thetas[i], group)
+        if h.amsgrad:  # the running max enters through a max: elementwise, per parameter
+            before = {**states_before[i], STEP: ts[i] - 1.0}
             half = 0.5 * grads[i]
             deltas[i] = update(half, thetas[i], group, before)
             deltas[i] = deltas[i] + thetas[i] if plus_theta else deltas[i]
@@ -85,7 +80,7 @@ def midpoint_many(grads: list[Tensor], thetas: list[Tensor | None], group: dict,
             buckets.setdefault(ts[i], []).append(i)
     for t, idx in buckets.items():
         ds, js = _midpoint_foreach(h, t, [grads[i] for i in idx], [thetas[i] for i in idx],
-                                   [states_after[i] for i in idx], plus_theta,
+                                   [states_before[i] for i in idx], plus_theta,
                                    workspace if len(buckets) == 1 else None)
         for k, i in enumerate(idx):
             deltas[i], jacs[i] = ds[k], js[k]
@@ -94,62 +89,60 @@ def midpoint_many(grads: list[Tensor], thetas: list[Tensor | None], group: dict,
 
 def _midpoint_foreach(h: AdamHyper, t: float, g: list[Tensor], theta: list[Tensor | None], states: list[dict],
                       plus_theta: bool = False, workspace: Workspace | None = None) -> tuple[list[Tensor], list[Tensor]]:
-    """:func:`midpoint_many` for parameters sharing a step count ``t`` (no amsgrad, no snapshot).
+    """:func:`midpoint_many` for parameters whose step has count ``t`` (no amsgrad).
 
-    Few passes over memory (this runs every step): ``g/2`` is folded into the scalars (exact:
-    a power of two), ``Δ`` is added to ``θ`` in one ``addcdiv``, the Jacobian's scalars are
-    folded into its numerator, and ``v'_h = 0`` (no gradient, no history) is handled by
-    flooring ``s_h`` at ``f = 4·tiny/eps²``: there the bracket is exactly 0 but for the floored
-    ``(1-β1)·f·eps`` term, so ``dΔ/dg = -s·lr·(1-β1)/(b1·eps)`` comes out exactly, and ``d = s_h + eps``
-    is unchanged (``f`` is far below eps's rounding). Only ``0 < s_h < f`` (gradients and
-    moments below ~1e-21 in float32) would read differently from the unfloored formula.
+    Few passes over memory (this runs every step: 13 list-wide passes, two more with Adam's L2
+    decay): ``g/2`` is folded into the scalars (exact: a power of two),
+    and so are ``β1``, ``β2`` and the bias corrections: with ``α = sqrt(β2/b2)`` the kernels
+    compute ``u = sqrt(v'_h/β2)`` (``s_h = α·u``) and ``m'_h/β1``, so that neither moment is
+    scaled by a pass of its own. ``Δ`` is added to ``θ`` in one ``addcdiv``. ``v'_h = 0`` (no
+    gradient, no history) is handled by flooring ``u`` at a value far below ``eps/α``'s rounding:
+    there the bracket is exactly 0 but for the floored ``(1-β1)·s_h·eps`` term, so
+    ``dΔ/dg = -s·lr·(1-β1)/(b1·eps)`` comes out exactly and ``s_h + eps`` is unchanged.
     """
     fe = torch
     ws = (lambda name: None) if workspace is None else (lambda name: workspace.get(name, g))
     bc1, bc2 = _bias_corrections(h, t)
     b1, b2 = h.beta1, h.beta2
+    alpha = (b2 / bc2) ** 0.5
     dtype = g[0].dtype
     tiny = torch.finfo(dtype).tiny
-    floor = 4.0 * tiny / h.eps**2 if h.eps > 0 else tiny  # eps = 0: torch's own step divides by 0 there
     gs = fe._foreach_neg(g) if h.maximize else g
-    if h.l2 != 0:
-        g_eff = fe_add(gs, theta, alpha=h.l2)  # g' of the real step
+    if h.l2 != 0:  # g'_h = s·g/2 + λ·θ
         g_half, half = fe._foreach_mul(gs, 0.5), 1.0
         fe._foreach_add_(g_half, theta, alpha=h.l2)
-    else:  # g'_h = g'/2: the 1/2 goes into the scalars (exact)
-        g_eff, g_half, half = gs, gs, 0.5
-    if t <= 1.0:  # nothing before the first step
-        a, bm = ws("a") or [torch.empty_like(x) for x in g], ws("bm") or [torch.empty_like(x) for x in g]
-        fe._foreach_zero_(a)
-        fe._foreach_zero_(bm)
-        m_h = fe_mul(g_half, (1.0 - b1) * half, out=ws("m_h"))
+    else:  # g'_h = s·g/2: the 1/2 goes into the scalars (exact)
+        g_half, half = gs, 0.5
+    if t <= 1.0 or not states[0]:  # nothing before the first step (a bucket shares its count)
+        m = v = [torch.zeros_like(x) for x in g]
     else:
-        a = fe_addcmul([st[EXP_AVG_SQ].to(dtype) for st in states], g_eff, g_eff, value=-(1.0 - b2), out=ws("a"))
-        fe._foreach_clamp_min_(a, 0.0)
-        bm = fe_add([st[EXP_AVG].to(dtype) for st in states], g_eff, alpha=-(1.0 - b1), out=ws("bm"))
-        m_h = fe_add(bm, g_half, alpha=(1.0 - b1) * half, out=ws("m_h"))
-    s_h = fe_addcmul(a, g_half, g_half, value=(1.0 - b2) * half * half, out=ws("s_h"))  # v'_h, then s_h in place
-    fe._foreach_div_(s_h, bc2)
-    fe._foreach_sqrt_(s_h)
-    fe._foreach_clamp_min_(s_h, floor)
-    d = fe_add(s_h, h.eps, out=ws("d"))
+        m = [st[EXP_AVG].to(dtype) for st in states]
+        v = [st[EXP_AVG_SQ].to(dtype) for st in states]
+    # u = sqrt(v'_h/β2) = sqrt(v + (1-β2)/β2·g'_h²), floored (see above); s_h = α·u
+    u = fe_addcmul(v, g_half, g_half, value=(1.0 - b2) / b2 * half * half, out=ws("u"))
+    fe._foreach_sqrt_(u)
+    if h.eps > 0:  # eps = 0: torch's own step divides by 0 there
+        fe._foreach_clamp_min_(u, 4.0 * tiny * max(alpha * alpha, 1.0) / h.eps**2)
+    else:
+        fe._foreach_clamp_min_(u, tiny)
+    d = fe_add(u, h.eps / alpha, out=ws("d"))  # (s_h + eps)/α
+    mh = fe_add(m, g_half, alpha=(1.0 - b1) / b1 * half, out=ws("mh"))  # m'_h/β1
     decay = h.decoupled and h.weight_decay != 0
-    if plus_theta:  # θ + Δ(g/2) = θ·(1 - lr·λ) - lr/b1 · m'_h/d
+    if plus_theta:  # θ + Δ(g/2) = θ·(1 - lr·λ) - lr/b1 · m'_h/(s_h + eps)
         out = fe_mul(theta, 1.0 - h.lr * h.weight_decay if decay else 1.0, out=ws("theta_half"))
-        fe._foreach_addcdiv_(out, m_h, d, value=-h.lr / bc1)
+        fe._foreach_addcdiv_(out, mh, d, value=-h.lr * b1 / (bc1 * alpha))
     else:
-        out = m_h if workspace is None else [x.clone() for x in m_h]
-        fe._foreach_div_(out, d)
-        fe._foreach_mul_(out, -h.lr / bc1)
+        out = fe._foreach_div(mh, d)
+        fe._foreach_mul_(out, -h.lr * b1 / (bc1 * alpha))
         if decay:
             fe._foreach_add_(out, theta, alpha=-h.lr * h.weight_decay)
-    del m_h
-    # Jacobian, with k = -s·lr/b1 folded in: numerator in place on ``a``, denominator on ``d``
+    # Jacobian, k = -s·lr/b1, over s_h·(s_h+eps)² = α³·u·d²: the numerator written over m'_h
     k = -h.sign * h.lr / bc1
-    fe._foreach_mul_(a, k * (1.0 - b1) / bc2)
-    fe._foreach_addcmul_(a, bm, g_half, value=-k * (1.0 - b2) * half / bc2)
-    fe._foreach_add_(a, s_h, alpha=k * (1.0 - b1) * h.eps)
+    a3 = alpha**3
+    num = fe_mul(v, k * (1.0 - b1) * b2 / (bc2 * a3), out=mh)  # mh is ours (a buffer or fresh)
+    fe._foreach_addcmul_(num, m, g_half, value=-k * (1.0 - b2) * b1 * half / (bc2 * a3))
+    fe._foreach_add_(num, u, alpha=k * (1.0 - b1) * h.eps / (alpha * alpha))
     fe._foreach_mul_(d, d)
-    fe._foreach_mul_(d, s_h)
-    fe._foreach_div_(a, d)
-    return out, a
+    fe._foreach_mul_(d, u)
+    fe._foreach_div_(num, d)
+    return out, num

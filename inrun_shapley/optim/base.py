@@ -77,18 +77,18 @@ class OptimizerAdapter(Protocol):
     def snapshot_state(self, group: dict, state: dict) -> dict:
         """A copy of the state before the step (call in the step pre-hook)."""
 
-    def midpoint_step(self, g: Tensor, theta: Tensor | None, group: dict, state_after: dict,
-                      snapshot: dict | None = None, before: dict | None = None) -> tuple[Tensor, Tensor]:
-        """``(Δ(g/2), dΔ/dg at g/2)`` from the state after a step that used ``g`` (the midpoint
-        rule's two per-parameter quantities, docs/math.md §3.2), fused for the step hook."""
+    def midpoint_step(self, g: Tensor, theta: Tensor | None, group: dict, state_before: dict) -> tuple[Tensor, Tensor]:
+        """``(Δ(g/2), dΔ/dg at g/2)`` from the state before the step that uses ``g`` (the midpoint
+        rule's two per-parameter quantities, docs/math.md §3.2)."""
 
-    def midpoint_many(self, grads: list, thetas: list, group: dict, states_after: list, snapshots: list | None = None,
-                      befores: list | None = None, steps: list | None = None,
+    def midpoint_many(self, grads: list, thetas: list, group: dict, states_before: list, steps: list | None = None,
                       plus_theta: bool = False, workspace: "Workspace | None" = None) -> tuple[list, list]:
         """:meth:`midpoint_step` for every parameter of one param group at once, as list-wide
-        (``torch._foreach_*``) kernels with no host read; ``steps``: each state's ``step`` as a
-        host float (:func:`host_steps`), or None; ``plus_theta``: the first list is ``θ + Δ(g/2)``;
-        ``workspace``: a :class:`Workspace` the results may live in (until its next use)."""
+        (``torch._foreach_*``) kernels with no host read, run once the step's gradients are final
+        and before the optimizer changes the parameters or the state; ``steps``: each state's
+        ``step`` before the step as a host float (:func:`host_steps`), or None; ``plus_theta``:
+        the first list is ``θ + Δ(g/2)``; ``workspace``: a :class:`Workspace` the results may
+        live in (until its next use)."""
 
     def before_step(self, group: dict, state: dict) -> dict:
         """Whatever the adapter needs from the state as it was before the step."""

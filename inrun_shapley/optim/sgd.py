@@ -164,22 +164,21 @@ def snapshot_state(group: dict, state: dict) -> dict:
     return {MOMENTUM_BUFFER: buf.detach().clone()} if buf is not None else {}
 
 
-def midpoint_step(g: Tensor, theta: Tensor | None, group: dict, state_after: dict, snapshot: dict | None = None,
-                  before: dict | None = None) -> tuple[Tensor, Tensor]:
-    """``(Δ(g/2), dΔ/dg)`` of one parameter (:func:`midpoint_many` on one parameter)."""
-    deltas, jacs = midpoint_many([g], [theta], group, [state_after], [snapshot], [before])
+def midpoint_step(g: Tensor, theta: Tensor | None, group: dict, state_before: dict) -> tuple[Tensor, Tensor]:
+    """``(Δ(g/2), dΔ/dg)`` of one parameter from its state before the step (:func:`midpoint_many`
+    on one parameter)."""
+    deltas, jacs = midpoint_many([g], [theta], group, [state_before])
     return deltas[0], jacs[0]
 
 
-def midpoint_many(grads: list[Tensor], thetas: list[Tensor | None], group: dict, states_after: list[dict],
-                  snapshots: list[dict | None] | None = None, befores: list[dict | None] | None = None,
-                  steps: list[float] | None = None, plus_theta: bool = False,
+def midpoint_many(grads: list[Tensor], thetas: list[Tensor | None], group: dict, states_before: list[dict],
+                  steps: list[float | None] | None = None, plus_theta: bool = False,
                   workspace=None) -> tuple[list[Tensor], list[Tensor]]:
     """``(Δ(g/2), dΔ/dg)`` of every parameter of one param group, list-wide (``torch._foreach_*``),
-    from the state after a step that used gradients ``grads`` (``dΔ/dg`` is the constant
-    ``-s·lr·k``: the update is affine). Per parameter, ``befores[i]`` as in
-    :func:`state_before_step`, or ``snapshots[i]``; ``steps`` unused (same signature as Adam's);
-    ``plus_theta``: return ``θ + Δ(g/2)`` instead of ``Δ(g/2)``; ``workspace`` unused. No host read."""
+    from the optimizer state BEFORE the step that uses gradients ``grads`` (``dΔ/dg`` is the
+    constant ``-s·lr·k``: the update is affine). ``steps`` and ``workspace`` unused (the same
+    signature as Adam's); ``plus_theta``: return ``θ + Δ(g/2)`` instead of ``Δ(g/2)``. Nothing in
+    the states is written; no host read."""
     h = hyper(group)
     n = len(grads)
     fe = torch
@@ -188,34 +187,11 @@ def midpoint_many(grads: list[Tensor], thetas: list[Tensor | None], group: dict,
         if any(t is None for t in thetas):
             raise ValueError("theta is needed for SGD's weight decay term")
         fe._foreach_add_(g_h, thetas, alpha=h.weight_decay)
-    had = [False] * n
-    if h.momentum != 0:
-        for i in range(n):
-            snap = snapshots[i] if snapshots else None
-            if snap is not None:
-                had[i] = snap.get(MOMENTUM_BUFFER) is not None
-            else:
-                before = befores[i] if befores else None
-                if before is None or "had_buffer" not in before:
-                    raise ConfigurationError(
-                        "SGD with momentum: pass before=SGDAdapter().before_step(group, state) taken in the step "
-                        "pre-hook (whether a momentum buffer existed before the step)")
-                had[i] = bool(before["had_buffer"])
+    had = [h.momentum != 0 and _buffer(st) is not None for st in states_before]
     steps_out = list(g_h)
     idx = [i for i in range(n) if had[i]]
-    if idx:
-        by_index: dict[int, Tensor] = {}  # buf_{t-1}: copied before the step, or (buf_t - (1-d)·g')/μ
-        rebuild = [i for i in idx if not (snapshots and snapshots[i] is not None)]
-        if rebuild:
-            g_full = fe._foreach_mul([grads[i] for i in rebuild], -1.0 if h.maximize else 1.0)
-            if h.weight_decay != 0:
-                fe._foreach_add_(g_full, [thetas[i] for i in rebuild], alpha=h.weight_decay)
-            bufs = [states_after[i][MOMENTUM_BUFFER].to(grads[i].dtype) for i in rebuild]
-            rebuilt = fe._foreach_add(bufs, g_full, alpha=-(1.0 - h.dampening))
-            fe._foreach_div_(rebuilt, h.momentum)
-            by_index = dict(zip(rebuild, rebuilt))
-        prev = [by_index[i] if i in by_index else snapshots[i][MOMENTUM_BUFFER].to(grads[i].dtype) for i in idx]
-        new_buf = fe._foreach_mul(prev, h.momentum)
+    if idx:  # buf = μ·buf_{t-1} + (1-d)·g'_h
+        new_buf = fe._foreach_mul([states_before[i][MOMENTUM_BUFFER].to(grads[i].dtype) for i in idx], h.momentum)
         fe._foreach_add_(new_buf, [g_h[i] for i in idx], alpha=1.0 - h.dampening)
         for k, i in enumerate(idx):
             steps_out[i] = new_buf[k]
