@@ -248,3 +248,45 @@ def test_step_sum_check_warns_once_and_can_be_switched_off():
             F.mse_loss(model(x), y).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
         opt.step()
+
+
+def _values_with_closure(opt_name, how, steps=3):
+    """Each step's values when the forward and backward run inside ``opt.step(closure)`` (how =
+    "positional" or "keyword", as Lightning's automatic optimization does) or before it (None)."""
+    torch.manual_seed(0)
+    model = MixedNet()
+    make_opt, _ = OPTIMIZERS[opt_name]
+    opt = make_opt(model.parameters())
+    val = make_data(5, 100, torch.float32)
+    tracker = ShapleyTracker(model, opt, val_data=val, val_loss_fn=val_loss_fn, step_check="raise")
+    out = []
+    for step in range(steps):
+        img, tokens, y = make_data(6, step, torch.float32)
+        ids = torch.arange(6) + 100 * step
+
+        def closure():
+            opt.zero_grad()
+            with tracker.batch(ids):
+                loss = F.cross_entropy(model(img, tokens), y)
+                loss.backward()
+            return loss
+
+        if how is None:
+            closure()
+            opt.step()
+        elif how == "positional":
+            opt.step(closure)
+        else:
+            opt.step(closure=closure)
+        out.append(torch.as_tensor(tracker.store.last_record[2]).clone())
+    tracker.detach()
+    return out
+
+
+@pytest.mark.parametrize("how", ["positional", "keyword"])
+@pytest.mark.parametrize("opt_name", ["adamw", "sgd_momentum"])
+def test_midpoint_under_a_step_closure_equals_the_plain_loop(opt_name, how):
+    """With a closure the gradients exist only inside step(): the pre-hook wraps the closure and
+    the midpoint's stages run right after it, before the update."""
+    for got, want in zip(_values_with_closure(opt_name, how), _values_with_closure(opt_name, None)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
