@@ -7,12 +7,14 @@ reconstructing. (1) The adapter's pre-step record; (2) the step's terms: for the
 (the default) ``θ_t + Δ(G/2)`` and ``J`` as list-wide kernels of the optimizer family
 (:mod:`~inrun_shapley.engine.directions`); (3) the validation gradient at the estimator's point
 (``θ_half`` or ``θ_t``), through wrappers built once (the model is never written:
-``torch.func.functional_call``). It returns a :class:`PreStep`. Then, in the step post-hook,
-:meth:`StepPipeline.after`: (4) the directions ``M``; (5) every captured micro-batch scored
-into one values tensor on the device (:mod:`~inrun_shapley.engine.scoring`); (6) every check
-folded into flags on the device; (7) one transfer to the host (:mod:`~inrun_shapley.engine.step_io`).
-Nothing in (1)–(6) reads a value on the host but the optimizer's step counts (one read for the
-whole model, where they are device tensors), so on a GPU the step synchronizes once more at most.
+``torch.func.functional_call``); (4) for the midpoint, the directions ``M`` (so that only ``M``
+is held through the optimizer's update). It returns a :class:`PreStep`. Then, in the step
+post-hook, :meth:`StepPipeline.after`: (2)–(4) for the fixed-state estimators, which read the
+state after the step; (5) every captured micro-batch scored into one values tensor on the
+device (:mod:`~inrun_shapley.engine.scoring`); (6) every check folded into flags on the device;
+(7) one transfer to the host (:mod:`~inrun_shapley.engine.step_io`). Nothing in (1)–(6) reads a
+value on the host but the optimizer's step counts (one read for the whole model, where they are
+device tensors), so on a GPU the step synchronizes once more at most.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class PreStep:
 
     before: list = field(default_factory=list)  # the adapter's pre-step record per parameter
     theta: list | None = None  # theta_t per parameter, where needed (second order, loo)
-    terms: list | None = None  # the midpoint's step terms (its Jacobian) per parameter
+    directions: dict | None = None  # the midpoint's directions M, formed before the step
     grads: list | None = None  # the midpoint's: the gradients the step uses (compute dtype)
     module_theta: dict = field(default_factory=dict)  # theta_t of rules that read parameters
     val_grads: list | None = None  # validation gradient at theta_t (estimators that take it there)
@@ -89,9 +91,9 @@ class StepPipeline:
         self.compute_dtype = up(self.params[0].detach()).dtype
         self.device = self.params[0].device
 
-    # ------------------------------------------------------------------ (1)-(3) before the step
+    # ------------------------------------------------------------------ (1)-(4) before the step
     def before(self, step: int, session: CaptureSession, grad_scale=None) -> PreStep:
-        """Stages (1)–(3), once the step's gradients are final and before the optimizer changes
+        """Stages (1)–(3) (and (4) for the midpoint), once the step's gradients are final and before the optimizer changes
         anything (parameters are ``θ_t``, the optimizer state is the one the step starts from).
 
         Args:
@@ -108,14 +110,17 @@ class StepPipeline:
         if self.estimator is Estimator.MIDPOINT:
             # (2) θ_t + Δ(G/2) and J from the state the step starts from, list-wide
             divisor = None if grad_scale is None else torch.as_tensor(grad_scale, device=self.device)
-            pre.terms, theta_half, pre.grads = midpoint_terms(
+            terms, theta_half, pre.grads = midpoint_terms(
                 self.adapter, self.optimizer, self.params, self.param_group, divisor, self.workspace)
             # (3) the validation gradient there
             if self.per_query:
-                pre.val_grads, pre.ghost = self._query_gradients(session, at=theta_half)
+                val_grads, pre.ghost = self._query_gradients(session, at=theta_half)
             else:
-                pre.val_grads, _ = self.validation.gradient(self.model, self.params, step, at=theta_half,
-                                                            flags=pre.flags)
+                val_grads, _ = self.validation.gradient(self.model, self.params, step, at=theta_half,
+                                                        flags=pre.flags)
+            del theta_half
+            # (4) the directions M, here: the optimizer's own temporaries then find g_v and J freed
+            pre.directions = self._directions(terms, val_grads, None, pre.ghost)
             return pre
         if self.order == 2 or self.estimator.needs_theta_before:  # drift / L2 terms need theta_t
             detached = [p.detach() for p in self.params]
@@ -131,7 +136,7 @@ class StepPipeline:
                 pre.val_grads, _ = self.validation.gradient(self.model, self.params, step, flags=pre.flags)
         return pre
 
-    # ------------------------------------------------------------------ (4)-(7) after the step
+    # ------------------------------------------------------------------ (5)-(7) after the step
     def after(self, pre: PreStep, step: int, session: CaptureSession, batches: Sequence[MicroBatch], *,
               grad_sq_backward: Tensor | None, grad_scale=None, found_inf=None,
               world_size: int = 1) -> HostStep:
@@ -147,20 +152,20 @@ class StepPipeline:
             world_size: data-parallel ranks averaging gradients.
         """
         flags = list(pre.flags)
-        hvps = None
-        if self.estimator is Estimator.MIDPOINT:  # (2)-(3) done before the step
-            terms, grads, val_grads, ghost = pre.terms, pre.grads, pre.val_grads, pre.ghost
+        if pre.directions is not None:  # the midpoint: (2)-(4) done before the step
+            directions, grads, ghost = pre.directions, pre.grads, pre.ghost
         else:  # (2) the fixed-state terms from the state after the step
             divisor = None if grad_scale is None else torch.as_tensor(grad_scale, device=self.device)
             terms, grads = step_terms(
                 self.adapter, self.optimizer, self.params, self.param_group, pre.before, pre.theta,
                 need_drift=self.order == 2, need_loo=self.estimator.needs_loo_jacobian, grad_divisor=divisor)
+            hvps = None
             if self.order == 2:  # (3) g_v and H_v u at theta_t
                 (val_grads, hvps), ghost = self._second_order_terms(step, terms, grads, pre.theta, flags), None
             else:
                 val_grads, ghost = pre.val_grads, pre.ghost
-        # (4) the directions M
-        directions = self._directions(terms, val_grads, hvps, ghost)
+            # (4) the directions M
+            directions = self._directions(terms, val_grads, hvps, ghost)
         # (5) every captured micro-batch scored on the device
         n_dirs = next(iter(directions.values())).shape[0] if directions else ghost.n_queries
         scored = self.score(
