@@ -80,7 +80,7 @@ from inrun_shapley.optim import adapter_for
 TARGETS = {"machinery": 0.4, "total_1/8": 1.5, "memory": 1.3, "vs_first_order": 1.05}
 FLOOR_TARGET = {"transformer": 1.05, "mlp": 1.15, "gpt2": 1.05}  # tracker / floor (issue 23)
 WORKING_SET_TARGET = {"transformer": 1.3, "mlp": 2.0, "gpt2": 1.3}  # step working set, tracker / plain
-GPU_VARIANTS = ["plain", "floor_1/8", "tracker_1/8", "fixed_1/8", "tracker_eq"]  # gpt2: no torch.func, no o2
+GPU_VARIANTS = ["plain", "floor_1/8", "tracker_1/8", "compiled_1/8", "fixed_1/8", "tracker_eq"]  # gpt2: no torch.func, no o2
 VAL_SET = 256
 
 
@@ -205,12 +205,12 @@ class Plain(Variant):
 
 class Tracked(Variant):
     def __init__(self, wl, device, val_rows: int, cached_val: bool = False, estimator: str = "midpoint",
-                 order: int = 1):
+                 order: int = 1, kernels: str = "foreach"):
         super().__init__(wl, device)
         self.label = f"tracker {estimator}{'' if order == 1 else ' o2'} val={val_rows}" + (" cached g_v" if cached_val else "")
         self.tracker = ShapleyTracker(
             self.model, self.opt, val_data=wl.val, val_loss_fn=self.val_loss_fn,
-            val_sample_size=val_rows, estimator=estimator, order=order,
+            val_sample_size=val_rows, estimator=estimator, order=order, kernels=kernels,
         )
         if cached_val:  # the scoring machinery alone: no validation forward/backward per step
             params = list(self.tracker._params)
@@ -322,6 +322,7 @@ def build_variants(wl: Workload, device, names=None) -> dict[str, Variant]:
         "plain": lambda: Plain(wl, device),
         "floor_1/8": lambda: Floor(wl, device, small),
         "tracker_1/8": lambda: Tracked(wl, device, small),
+        "compiled_1/8": lambda: Tracked(wl, device, small, kernels="compiled"),
         "tracker_eq": lambda: Tracked(wl, device, b),
         "fixed_1/8": lambda: Tracked(wl, device, small, estimator="shapley"),
         "fixed_o2_1/8": lambda: Tracked(wl, device, small, estimator="shapley", order=2),
@@ -514,7 +515,7 @@ def report_model(model: str, med: dict, agree: float, n_params: int, b: int, arg
     small = max(1, b // 8)
     rows = [("plain", "plain"), ("floor_1/8", f"floor val={small} (B/8)"), ("tracker_1/8", f"tracker val={small} (B/8)"),
             ("fixed_1/8", f"fixed-state 1st order val={small}"), ("fixed_o2_1/8", f"fixed-state 2nd order val={small}"),
-            ("tracker_eq", f"tracker val={b} (B)"), ("tracker_cached", "tracker, cached g_v (machinery)"),
+            ("compiled_1/8", f"tracker, kernels=compiled, val={small}"), ("tracker_eq", f"tracker val={b} (B)"), ("tracker_cached", "tracker, cached g_v (machinery)"),
             ("func", f"torch.func per-sample val={small}"),
             ("val_1/8", f"validation.gradient alone, {small}"), ("val_eq", f"validation.gradient alone, {b}")]
     for key, label in rows:
@@ -548,6 +549,12 @@ def report_model(model: str, med: dict, agree: float, n_params: int, b: int, arg
                          mo["tracker_1/8"] / mo["floor_1/8"], FLOOR_TARGET[model], ("tracker_1/8", "floor_1/8")))
     lines.append(summary(f"midpoint (default) / fixed-state 1st order, val=B/8, {clock}", m["tracker_1/8"] / m["fixed_1/8"],
                          mo["tracker_1/8"] / mo["fixed_1/8"], TARGETS["vs_first_order"], ("tracker_1/8", "fixed_1/8")))
+    if "compiled_1/8" in m:
+        lines.append(summary(f"kernels=compiled: tracker / floor, val=B/8, {clock}", m["compiled_1/8"] / m["floor_1/8"],
+                             mo["compiled_1/8"] / mo["floor_1/8"], FLOOR_TARGET[model], ("compiled_1/8", "floor_1/8")))
+        lines.append(summary(f"kernels=compiled: midpoint / fixed-state 1st order, {clock}",
+                             m["compiled_1/8"] / m["fixed_1/8"], mo["compiled_1/8"] / mo["fixed_1/8"],
+                             TARGETS["vs_first_order"], ("compiled_1/8", "fixed_1/8")))
     if "tracker_cached" not in m:  # the GPU config: the rows above only
         return lines + _memory_lines(model, mem)
     lines.append(summary(f"machinery, {clock}: (cached g_v − plain) / plain",

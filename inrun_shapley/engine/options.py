@@ -7,7 +7,10 @@ from inrun_shapley.engine.directions import Estimator
 from inrun_shapley.engine.queries import QUERY_PATHS
 from inrun_shapley.errors import ConfigurationError
 
-__all__ = ["check_options"]
+__all__ = ["KERNELS", "check_kernels", "check_options"]
+
+KERNELS = ("foreach", "compiled")
+"""How the midpoint's elementwise pass runs (the tracker's ``kernels`` option)."""
 
 
 def check_options(estimator: Estimator, order: int, per_query: bool, query_path: str,
@@ -32,3 +35,9 @@ def check_options(estimator: Estimator, order: int, per_query: bool, query_path:
         )
     if per_query and group_values:
         raise ConfigurationError("group_values are kept for the mean validation loss only (per_query=False)")
+
+
+def check_kernels(kernels: str) -> None:
+    """Raise ConfigurationError unless ``kernels`` is one of :data:`KERNELS`."""
+    if kernels not in KERNELS:
+        raise ConfigurationError(f"kernels must be one of {KERNELS}, got {kernels!r}")

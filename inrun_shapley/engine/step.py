@@ -73,12 +73,13 @@ class StepPipeline:
         check: the step-sum check; ``keep_groups``: keep the per-module split.
         sharded: FSDP2 parameters (``adapter`` and ``validation`` are the sharded ones of
             :mod:`~inrun_shapley.engine.sharding`; scoring gathers ``M`` one layer at a time).
+        fused: run the midpoint's elementwise pass as compiled kernels (``kernels="compiled"``).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, adapter: OptimizerAdapter,
                  validation: ValidationObjective, modules: Mapping[str, TrackedModule], params: Sequence[nn.Parameter],
                  param_group: Sequence[int], *, estimator: Estimator, order: int, per_query: bool, query_path: str,
-                 check: StepSumCheck, keep_groups: bool = False, sharded: bool = False):
+                 check: StepSumCheck, keep_groups: bool = False, sharded: bool = False, fused: bool = False):
         self.model, self.optimizer, self.adapter, self.validation = model, optimizer, adapter, validation
         self.modules, self.params, self.param_group = modules, list(params), list(param_group)
         self.estimator, self.order, self.per_query, self.query_path = estimator, order, per_query, query_path
@@ -87,7 +88,7 @@ class StepPipeline:
         self.module_params = {n: list(t.params.values()) for n, t in modules.items()}
         self.reading_modules = [name for name, t in modules.items() if t.rule.reads_parameters]
         self.query_plan: list[PlanRow] | None = None  # per-query values: set at the first step
-        self.workspace = Workspace()  # CPU: buffers kept from step to step (optim/base.py)
+        self.workspace = Workspace(fused=fused)  # CPU: buffers kept from step to step; compiled kernels
         self.compute_dtype = up(self.params[0].detach()).dtype
         self.device = self.params[0].device
 

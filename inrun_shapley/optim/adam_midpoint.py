@@ -15,6 +15,7 @@ from inrun_shapley.optim.adam import (
     EXP_AVG, EXP_AVG_SQ, STEP, AdamHyper, _bias_corrections, as_float, hyper, update, update_jacobian_diag,
 )
 from inrun_shapley.optim.base import Workspace, fe_add, fe_addcmul, fe_mul
+from inrun_shapley.optim.fused import adam_midpoint_fused
 
 __all__ = ["midpoint_many", "midpoint_step"]
 
@@ -78,17 +79,19 @@ def midpoint_many(grads: list[Tensor], thetas: list[Tensor | None], group: dict,
             jacs[i] = update_jacobian_diag(half, thetas[i], group, before)
         else:
             buckets.setdefault(ts[i], []).append(i)
+    fused = workspace is not None and workspace.fused
     for t, idx in buckets.items():
         ds, js = _midpoint_foreach(h, t, [grads[i] for i in idx], [thetas[i] for i in idx],
                                    [states_before[i] for i in idx], plus_theta,
-                                   workspace if len(buckets) == 1 else None)
+                                   workspace if len(buckets) == 1 else None, fused)
         for k, i in enumerate(idx):
             deltas[i], jacs[i] = ds[k], js[k]
     return deltas, jacs
 
 
 def _midpoint_foreach(h: AdamHyper, t: float, g: list[Tensor], theta: list[Tensor | None], states: list[dict],
-                      plus_theta: bool = False, workspace: Workspace | None = None) -> tuple[list[Tensor], list[Tensor]]:
+                      plus_theta: bool = False, workspace: Workspace | None = None,
+                      fused: bool = False) -> tuple[list[Tensor], list[Tensor]]:
     """:func:`midpoint_many` for parameters whose step has count ``t`` (no amsgrad).
 
     Few passes over memory (this runs every step: 13 list-wide passes, two more with Adam's L2
@@ -99,6 +102,9 @@ def _midpoint_foreach(h: AdamHyper, t: float, g: list[Tensor], theta: list[Tenso
     gradient, no history) is handled by flooring ``u`` at a value far below ``eps/α``'s rounding:
     there the bracket is exactly 0 but for the floored ``(1-β1)·s_h·eps`` term, so
     ``dΔ/dg = -s·lr·(1-β1)/(b1·eps)`` comes out exactly and ``s_h + eps`` is unchanged.
+
+    ``fused`` (with ``plus_theta``): the same arithmetic as one compiled kernel
+    (:mod:`~inrun_shapley.optim.fused`), reading each input once.
     """
     fe = torch
     ws = (lambda name: None) if workspace is None else (lambda name: workspace.get(name, g))
@@ -119,29 +125,36 @@ def _midpoint_foreach(h: AdamHyper, t: float, g: list[Tensor], theta: list[Tenso
         m = [st[EXP_AVG].to(dtype) for st in states]
         v = [st[EXP_AVG_SQ].to(dtype) for st in states]
     # u = sqrt(v'_h/β2) = sqrt(v + (1-β2)/β2·g'_h²), floored (see above); s_h = α·u
-    u = fe_addcmul(v, g_half, g_half, value=(1.0 - b2) / b2 * half * half, out=ws("u"))
-    fe._foreach_sqrt_(u)
-    if h.eps > 0:  # eps = 0: torch's own step divides by 0 there
-        fe._foreach_clamp_min_(u, 4.0 * tiny * max(alpha * alpha, 1.0) / h.eps**2)
-    else:
-        fe._foreach_clamp_min_(u, tiny)
-    d = fe_add(u, h.eps / alpha, out=ws("d"))  # (s_h + eps)/α
-    mh = fe_add(m, g_half, alpha=(1.0 - b1) / b1 * half, out=ws("mh"))  # m'_h/β1
+    floor = 4.0 * tiny * max(alpha * alpha, 1.0) / h.eps**2 if h.eps > 0 else tiny  # eps = 0: torch divides by 0
     decay = h.decoupled and h.weight_decay != 0
+    keep = 1.0 - h.lr * h.weight_decay if decay else 1.0
+    k = -h.sign * h.lr / bc1  # the Jacobian's factor; over s_h·(s_h+eps)² = α³·u·d²
+    a3 = alpha**3
+    c_v, c_m, step_scale = (1.0 - b2) / b2 * half * half, (1.0 - b1) / b1 * half, -h.lr * b1 / (bc1 * alpha)
+    j_v, j_mg, j_u = k * (1.0 - b1) * b2 / (bc2 * a3), -k * (1.0 - b2) * b1 * half / (bc2 * a3), k * (1.0 - b1) * h.eps / alpha**2
+    if fused and plus_theta:
+        out_theta = ws("theta_half") or [torch.empty_like(x, memory_format=torch.contiguous_format) for x in g]
+        out_jac = ws("mh") or [torch.empty_like(x, memory_format=torch.contiguous_format) for x in g]
+        if adam_midpoint_fused(g_half, m, v, theta, out_theta, out_jac,
+                               [c_v, c_m, h.eps / alpha, floor, keep, step_scale, j_v, j_mg, j_u]):
+            return out_theta, out_jac
+    u = fe_addcmul(v, g_half, g_half, value=c_v, out=ws("u"))
+    fe._foreach_sqrt_(u)
+    fe._foreach_clamp_min_(u, floor)
+    d = fe_add(u, h.eps / alpha, out=ws("d"))  # (s_h + eps)/α
+    mh = fe_add(m, g_half, alpha=c_m, out=ws("mh"))  # m'_h/β1
     if plus_theta:  # θ + Δ(g/2) = θ·(1 - lr·λ) - lr/b1 · m'_h/(s_h + eps)
-        out = fe_mul(theta, 1.0 - h.lr * h.weight_decay if decay else 1.0, out=ws("theta_half"))
-        fe._foreach_addcdiv_(out, mh, d, value=-h.lr * b1 / (bc1 * alpha))
+        out = fe_mul(theta, keep, out=ws("theta_half"))
+        fe._foreach_addcdiv_(out, mh, d, value=step_scale)
     else:
         out = fe._foreach_div(mh, d)
-        fe._foreach_mul_(out, -h.lr * b1 / (bc1 * alpha))
+        fe._foreach_mul_(out, step_scale)
         if decay:
             fe._foreach_add_(out, theta, alpha=-h.lr * h.weight_decay)
-    # Jacobian, k = -s·lr/b1, over s_h·(s_h+eps)² = α³·u·d²: the numerator written over m'_h
-    k = -h.sign * h.lr / bc1
-    a3 = alpha**3
-    num = fe_mul(v, k * (1.0 - b1) * b2 / (bc2 * a3), out=mh)  # mh is ours (a buffer or fresh)
-    fe._foreach_addcmul_(num, m, g_half, value=-k * (1.0 - b2) * b1 * half / (bc2 * a3))
-    fe._foreach_add_(num, u, alpha=k * (1.0 - b1) * h.eps / (alpha * alpha))
+    # the Jacobian's numerator, written over m'_h (ours: a buffer or fresh)
+    num = fe_mul(v, j_v, out=mh)
+    fe._foreach_addcmul_(num, m, g_half, value=j_mg)
+    fe._foreach_add_(num, u, alpha=j_u)
     fe._foreach_mul_(d, d)
     fe._foreach_mul_(d, u)
     fe._foreach_div_(num, d)

@@ -194,7 +194,9 @@ def host_steps(states: list[dict]) -> list[float | None]:
 
 
 class Workspace:
-    """Parameter-shaped buffers kept from one step to the next, for the list-wide kernels.
+    """Parameter-shaped buffers kept from one step to the next, for the list-wide kernels, and
+    how those kernels run (``fused``: one compiled kernel per param group where the optimizer
+    family has one, see :mod:`inrun_shapley.optim.fused`).
 
     On the CPU every fresh parameter-sized tensor costs page faults (the allocator hands large
     blocks back to the system when they are freed; measured: an out-of-place add over a 400k
@@ -204,8 +206,9 @@ class Workspace:
     values only within one step; they are memory held at rest (:attr:`nbytes`).
     """
 
-    def __init__(self):
+    def __init__(self, fused: bool = False):
         self._buffers: dict = {}
+        self.fused = fused
 
     def get(self, name, like: list[Tensor]) -> list[Tensor] | None:
         """Buffers shaped like ``like`` for the role ``name`` (None off the CPU, and for tensor
@@ -222,6 +225,7 @@ class Workspace:
         """A view whose roles are prefixed (one per param group: their buffers never alias)."""
         view = Workspace.__new__(Workspace)
         view._buffers, view._prefix = self._buffers, (getattr(self, "_prefix", ()), prefix)
+        view.fused = self.fused
         return view
 
     def _key(self, name):

@@ -99,3 +99,11 @@ def test_a_tracked_step_synchronizes_only_where_declared(kind, options):
 def test_bf16_autocast_step_is_scored_without_hidden_sync():
     values = _run("lm", "cuda", dtype=torch.float32, sync_check=True, amp=torch.bfloat16)
     assert np.isfinite(values).all() and np.abs(values).sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["mlp", "lm"])
+def test_compiled_kernels_on_the_gpu_equal_the_cpu_reference(kind):
+    """``kernels="compiled"`` (a Triton kernel on CUDA) gives the list-wide kernels' CPU values."""
+    cpu = _run(kind, "cpu")
+    gpu = _run(kind, "cuda", kernels="compiled")
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-9, atol=1e-12 * np.abs(cpu).max())
