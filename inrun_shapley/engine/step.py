@@ -197,8 +197,14 @@ class StepPipeline:
         if self.estimator is Estimator.MIDPOINT and hvps is None and not self.per_query and keep:
             # M = -J ⊙ g_half, list-wide
             jacs = [terms[i].jacobian for i in keep]
-            ms = fe_mul(jacs, [val_grads[i] for i in keep], out=self.workspace.get("direction", jacs))
+            held = self.workspace.get("direction", jacs)
+            ms = fe_mul(jacs, [val_grads[i] for i in keep], out=held)
             torch._foreach_neg_(ms)
+            if held is not None:  # the small ones too: M is held through the optimizer's update
+                small = [k for k, (m, b) in enumerate(zip(ms, held)) if m is not b]
+                if small:
+                    torch._foreach_copy_([held[k] for k in small], [ms[k] for k in small])
+                    ms = held
             out = {id(self.params[i]): m.unsqueeze(0) for i, m in zip(keep, ms)}
         else:
             out = {}
