@@ -92,7 +92,7 @@ class ShardedAdapter:
     """An optimizer adapter run on local shards: DTensor arguments in, DTensor results out.
 
     The adapter's math is elementwise (docs/math.md §3), so a shard of the result is the
-    result of the shards: no communication. What ``before_step``/``snapshot_state`` return is
+    result of the shards: no communication. What ``before_step`` returns is
     kept local (it only goes back into the adapter).
     """
 
@@ -105,9 +105,6 @@ class ShardedAdapter:
 
     def before_step(self, group: dict, state: dict) -> dict:
         return self.inner.before_step(group, _local(state))
-
-    def snapshot_state(self, group: dict, state: dict) -> dict:
-        return self.inner.snapshot_state(group, _local(state))
 
     def midpoint_step(self, g, theta, group, state_before):
         delta, jac = self.inner.midpoint_step(_local(g), _local(theta), group, _local(state_before))

@@ -235,8 +235,9 @@ def state_before_step(
     Amsgrad: where the max after the step is above ``v'``, it is the old max, exactly. Where it
     equals ``v'``, the old max is only known to lie in ``[v, v']``: this returns ``v`` (the lower
     bound). :func:`update` and its Jacobian at the recorded gradient come out right either way;
-    at another gradient whose ``v'`` falls below the true old max they do not, so take
-    :func:`snapshot_state` in the step pre-hook when that matters.
+    at another gradient whose ``v'`` falls below the true old max they do not, so read the state
+    before the step where that matters (the tracker's midpoint pass does: it runs before the
+    update).
 
     Args:
         state_after: ``optimizer.state[p]`` after the step (torch's keys).
@@ -266,20 +267,6 @@ def state_before_step(
     return out
 
 
-def snapshot_state(group: dict, state: dict) -> dict:
-    """A copy of what :func:`update` needs from ``optimizer.state[p]``, taken in the step pre-hook.
-
-    Costs 2 parameter-sized tensors (3 with amsgrad) in the state's dtype; exact, unlike
-    :func:`state_before_step`. Returns ``{}`` before the first step.
-    """
-    if not state:
-        return {}
-    keys = (EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ) if hyper(group).amsgrad else (EXP_AVG, EXP_AVG_SQ)
-    out = {k: state[k].detach().clone() for k in keys if k in state}
-    out[STEP] = state[STEP].clone() if isinstance(state[STEP], Tensor) else state[STEP]
-    return out
-
-
 def preconditioner(group: dict, state: dict, eps: float | None = None) -> Tensor:
     """Adam's fixed-state preconditioner ``P = 1/(sqrt(v_used/(1-β2^t)) + eps)`` from the state after
     a step (``v_used`` = ``max_exp_avg_sq`` with amsgrad, else ``exp_avg_sq``), detached, in the
@@ -300,7 +287,6 @@ class AdamAdapter:
     update_jacobian_diag = staticmethod(update_jacobian_diag)
     state_before_step = staticmethod(state_before_step)
     state_after_step = staticmethod(state_after_step)
-    snapshot_state = staticmethod(snapshot_state)
     midpoint_step = staticmethod(midpoint_step)
     midpoint_many = staticmethod(midpoint_many)
 

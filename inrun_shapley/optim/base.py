@@ -52,10 +52,11 @@ class OptimizerAdapter(Protocol):
 
     Besides the fixed-state :meth:`terms`, every family gives the exact step as a function of
     the gradient (docs/math.md §3): ``update(g, theta, group, state_before) -> Δ``, its diagonal
-    Jacobian ``update_jacobian_diag(g, theta, group, state_before) -> dΔ/dg``, and the state
-    before the step either reconstructed in the post-hook,
-    ``state_before_step(state_after, g, theta, group, before) -> state_before``, or copied in the
-    pre-hook, ``snapshot_state(group, state) -> state_before``. States are dicts with torch's keys.
+    Jacobian ``update_jacobian_diag(g, theta, group, state_before) -> dΔ/dg``, the midpoint
+    pass over a param group from the state before the step (:meth:`midpoint_many`), and the state
+    before the step reconstructed from the state after it,
+    ``state_before_step(state_after, g, theta, group, before) -> state_before``. States are dicts
+    with torch's keys.
     """
 
     name: str
@@ -73,9 +74,6 @@ class OptimizerAdapter(Protocol):
 
     def state_after_step(self, g: Tensor, theta: Tensor | None, group: dict, state_before: dict) -> dict:
         """The state torch holds after the step (what a replay carries on)."""
-
-    def snapshot_state(self, group: dict, state: dict) -> dict:
-        """A copy of the state before the step (call in the step pre-hook)."""
 
     def midpoint_step(self, g: Tensor, theta: Tensor | None, group: dict, state_before: dict) -> tuple[Tensor, Tensor]:
         """``(Δ(g/2), dΔ/dg at g/2)`` from the state before the step that uses ``g`` (the midpoint

@@ -157,13 +157,6 @@ def state_before_step(
     return {MOMENTUM_BUFFER: (buf - (1.0 - h.dampening) * g_eff) / h.momentum}
 
 
-def snapshot_state(group: dict, state: dict) -> dict:
-    """A copy of what :func:`update` needs, taken in the step pre-hook (one parameter-sized
-    tensor with momentum after the first step, else nothing)."""
-    buf = _buffer(state)
-    return {MOMENTUM_BUFFER: buf.detach().clone()} if buf is not None else {}
-
-
 def midpoint_step(g: Tensor, theta: Tensor | None, group: dict, state_before: dict) -> tuple[Tensor, Tensor]:
     """``(Δ(g/2), dΔ/dg)`` of one parameter from its state before the step (:func:`midpoint_many`
     on one parameter)."""
@@ -213,7 +206,6 @@ class SGDAdapter:
     update_jacobian_diag = staticmethod(update_jacobian_diag)
     state_before_step = staticmethod(state_before_step)
     state_after_step = staticmethod(state_after_step)
-    snapshot_state = staticmethod(snapshot_state)
     midpoint_step = staticmethod(midpoint_step)
     midpoint_many = staticmethod(midpoint_many)
 

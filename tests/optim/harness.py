@@ -45,7 +45,6 @@ def run_steps(cls, kwargs: dict, dtype: torch.dtype, steps: int = len(SCALES)):
             pre.append(dict(
                 theta=p.detach().clone(), g=p.grad.detach().clone(),
                 state=copy.deepcopy(dict(opt.state[p])),
-                snapshot=adapter.snapshot_state(group, opt.state[p]),
                 before=adapter.before_step(group, opt.state[p]),
             ))
         opt.step()
