@@ -6,11 +6,14 @@ makes 13 passes over memory per parameter; this is the same arithmetic as one
 ``g, m, v, θ`` once and writes ``θ_half`` and ``J`` once. It is compiled once per process and
 list of shapes (seconds to tens of seconds at the first step; torch's compile cache shortens
 later processes); every step after that runs the compiled code. The per-step scalars (bias
-corrections, learning rate) enter as one tensor, so that a changing learning rate or step count
-never recompiles.
+corrections, learning rate) enter as one host tensor, so that a changing learning rate or step
+count never recompiles. Measured on the CPU only: the CUDA path (a Triton kernel) is written and
+has a test (``tests/engine/test_gpu.py``) that has not yet run on a GPU.
 
 Where compiling fails (no C++ compiler, an unsupported build), a warning names the cause once
-and the list-wide kernels are used instead: the values are the same either way.
+and the list-wide kernels are used instead: the values are the same either way. Lists of shapes
+beyond torch.compile's recompile limit (8 by default: param groups, over all trackers of the
+process) also take the list-wide kernels.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ __all__ = ["adam_midpoint_fused", "fused_available"]
 
 _COMPILED = None  # the compiled kernel, once built
 _FAILED: str | None = None  # why compiling failed (then the list-wide kernels are used)
+_SIGNATURES: set = set()  # the lists of (shape, dtype, device) compiled for so far
 
 
 def _adam_midpoint_body(g_half: list[Tensor], m: list[Tensor], v: list[Tensor], theta: list[Tensor],
@@ -43,6 +47,12 @@ def _kernel():
     if _COMPILED is None:
         _COMPILED = torch.compile(_adam_midpoint_body, dynamic=False, fullgraph=True)
     return _COMPILED
+
+
+def _recompile_limit() -> int:
+    import torch._dynamo.config as dynamo_config
+
+    return int(getattr(dynamo_config, "recompile_limit", getattr(dynamo_config, "cache_size_limit", 8)))
 
 
 def fused_available() -> str | None:
@@ -66,7 +76,16 @@ def adam_midpoint_fused(g_half: list[Tensor], m: list[Tensor], v: list[Tensor], 
     global _FAILED
     if _FAILED is not None:
         return False
-    sc = torch.tensor(scalars, dtype=g_half[0].dtype, device=g_half[0].device)
+    signature = tuple((t.shape, t.dtype, t.device) for t in g_half)
+    if signature not in _SIGNATURES:
+        # past torch.compile's recompile limit the body would run uncompiled, slower than the
+        # list-wide kernels: param groups beyond it take those
+        if len(_SIGNATURES) >= _recompile_limit():
+            return False
+        _SIGNATURES.add(signature)
+    # on the host whatever the tensors' device: a CPU scalar enters a CUDA kernel as an argument,
+    # where a copy to the device would wait for it every step
+    sc = torch.tensor(scalars, dtype=g_half[0].dtype)
     try:
         _kernel()(g_half, m, v, theta, out_theta, out_jac, sc)
     except Exception as exc:  # a missing compiler, an unsupported build: fall back, say so once

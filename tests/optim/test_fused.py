@@ -80,3 +80,12 @@ def test_unknown_kernels_are_refused():
     with pytest.raises(ConfigurationError, match="kernels must be one of"):
         ShapleyTracker(model, torch.optim.SGD(model.parameters(), lr=0.1), val_data=(torch.randn(2, 2), torch.randn(2, 1)),
                        kernels="triton")
+
+
+def test_shapes_past_the_recompile_limit_take_the_list_wide_kernels(monkeypatch):
+    """Beyond torch.compile's recompile limit the body would run uncompiled: refused before."""
+    monkeypatch.setattr(fused, "_recompile_limit", lambda: 0)
+    monkeypatch.setattr(fused, "_SIGNATURES", set())
+    monkeypatch.setattr(fused, "_kernel", lambda: pytest.fail("compiled past the limit"))
+    g = [torch.randn(3)]
+    assert not fused.adam_midpoint_fused(g, g, g, g, [torch.empty(3)], [torch.empty(3)], [1.0] * 9)
