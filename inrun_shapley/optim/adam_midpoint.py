@@ -120,7 +120,7 @@ def _midpoint_foreach(h: AdamHyper, t: float, g: list[Tensor], theta: list[Tenso
     else:  # g'_h = s·g/2: the 1/2 goes into the scalars (exact)
         g_half, half = gs, 0.5
     if t <= 1.0 or not states[0]:  # nothing before the first step (a bucket shares its count)
-        m = v = [torch.zeros_like(x) for x in g]
+        m, v = [torch.zeros_like(x) for x in g], [torch.zeros_like(x) for x in g]  # distinct: one compiled form
     else:
         m = [st[EXP_AVG].to(dtype) for st in states]
         v = [st[EXP_AVG_SQ].to(dtype) for st in states]
