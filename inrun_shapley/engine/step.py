@@ -94,8 +94,9 @@ class StepPipeline:
 
     # ------------------------------------------------------------------ (1)-(4) before the step
     def before(self, step: int, session: CaptureSession, grad_scale=None) -> PreStep:
-        """Stages (1)–(3) (and (4) for the midpoint), once the step's gradients are final and before the optimizer changes
-        anything (parameters are ``θ_t``, the optimizer state is the one the step starts from).
+        """Stages (1)–(3), and (4) for the midpoint, once the step's gradients are final and
+        before the optimizer changes anything (parameters are ``θ_t``, the optimizer state is the
+        one the step starts from).
 
         Args:
             step: the step about to happen (1-based).
