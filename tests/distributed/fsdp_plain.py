@@ -2,6 +2,7 @@
 models of fsdp_setup.py with a ShapleyTracker; each rank writes its values to
 ``$RESULT_PATH.<kind>.rank<r>.npy``."""
 
+import gc
 import os
 import sys
 
@@ -25,4 +26,11 @@ if __name__ == "__main__":
     for kind in sys.argv[1:] or ["mlp", "lm"]:
         tracker = train(kind, rank, world, shard=shard)
         np.save(f"{os.environ['RESULT_PATH']}.{kind}.rank{rank}.npy", np.stack([tracker.values, tracker.counts]))
+        tracker.detach()
+        del tracker
+    # Free what holds the process group (the tracker holds the sharded model, its optimizer and their
+    # device mesh) before destroying it: a gloo group whose last owner goes only at interpreter
+    # teardown can abort the process there (std::terminate), after all the work is done. Seen here
+    # about once in 20 runs; none in 24 with this.
+    gc.collect()
     dist.destroy_process_group()
