@@ -18,8 +18,9 @@ Sign: ``M`` points so that a positive ``<M, c_i>`` means sample i's presence low
 validation loss; values are in units of validation loss (lr included).
 
 Adding an estimator is adding a member to :class:`Estimator`, one direction function in
-:data:`DIRECTION_FNS`, and saying where its validation gradient is taken
-(:attr:`Estimator.validation_point`).
+:data:`DIRECTION_FNS`, and its step terms and validation point in
+:meth:`~inrun_shapley.engine.step.StepPipeline.before` (the midpoint: ``θ_t + Δ(G/2)``; the
+others: ``θ_t``).
 """
 
 from __future__ import annotations
@@ -72,13 +73,6 @@ class Estimator(str, Enum):
 
     def __str__(self) -> str:
         return self.value
-
-    @property
-    def validation_point(self) -> str:
-        """Where the validation gradient is taken, before the optimizer changes anything:
-        ``"theta_t"`` or ``"theta_half"`` (``θ_t + Δ(G/2)``, once the step's gradient ``G`` is
-        final: ``midpoint``)."""
-        return "theta_half" if self is Estimator.MIDPOINT else "theta_t"
 
     @property
     def needs_loo_jacobian(self) -> bool:

@@ -44,7 +44,7 @@ __all__ = ["PreStep", "StepPipeline"]
 
 @dataclass
 class PreStep:
-    """What :meth:`StepPipeline.before` hands the post-hook (stages 1–3)."""
+    """What :meth:`StepPipeline.before` hands the post-hook (stages 1–3; 1–4 for the midpoint)."""
 
     before: list = field(default_factory=list)  # the adapter's pre-step record per parameter
     theta: list | None = None  # theta_t per parameter, where needed (second order, loo)
@@ -111,9 +111,9 @@ class StepPipeline:
                             for name in self.reading_modules}
         if self.estimator is Estimator.MIDPOINT:
             # (2) θ_t + Δ(G/2) and J from the state the step starts from, list-wide
-            divisor = None if grad_scale is None else torch.as_tensor(grad_scale, device=self.device)
             terms, theta_half, pre.grads = midpoint_terms(
-                self.adapter, self.optimizer, self.params, self.param_group, divisor, self.workspace)
+                self.adapter, self.optimizer, self.params, self.param_group, self._grad_divisor(grad_scale),
+                self.workspace)
             # (3) the validation gradient there
             if self.per_query:
                 val_grads, pre.ghost = self._query_gradients(session, at=theta_half)
@@ -157,10 +157,10 @@ class StepPipeline:
         if pre.directions is not None:  # the midpoint: (2)-(4) done before the step
             directions, grads, ghost = pre.directions, pre.grads, pre.ghost
         else:  # (2) the fixed-state terms from the state after the step
-            divisor = None if grad_scale is None else torch.as_tensor(grad_scale, device=self.device)
             terms, grads = step_terms(
                 self.adapter, self.optimizer, self.params, self.param_group, pre.before, pre.theta,
-                need_drift=self.order == 2, need_loo=self.estimator.needs_loo_jacobian, grad_divisor=divisor)
+                need_drift=self.order == 2, need_loo=self.estimator.needs_loo_jacobian,
+                grad_divisor=self._grad_divisor(grad_scale))
             hvps = None
             if self.order == 2:  # (3) g_v and H_v u at theta_t
                 (val_grads, hvps), ghost = self._second_order_terms(step, terms, grads, pre.theta, flags), None
@@ -190,6 +190,11 @@ class StepPipeline:
         return host
 
     # ------------------------------------------------------------------ the stages' parts
+    def _grad_divisor(self, grad_scale) -> Tensor | None:
+        """A fused optimizer's ``grad_scale`` on the parameters' device (its ``p.grad`` is still
+        scaled), or None."""
+        return None if grad_scale is None else torch.as_tensor(grad_scale, device=self.device)
+
     def _directions(self, terms, val_grads, hvps, ghost) -> dict[int, Tensor]:
         """Per tracked parameter (by id) its direction ``M`` as ``[Q, *shape]`` (``Q = 1`` unless
         per query), in the compute dtype; parameters the step did not update and ghost-path
