@@ -193,9 +193,10 @@ def _with_host_step(state: dict, step: float | None) -> dict:
 
 def step_terms(adapter: OptimizerAdapter, optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
                param_group: Sequence[int], before: Sequence[dict], theta_before: Sequence[Tensor] | None, *,
-               need_drift: bool, need_loo: bool, grad_divisor: Tensor | float | None = None,
-               ) -> tuple[list[StepTerms | None], list[Tensor | None]]:
-    """Each parameter's step terms, read in the step post-hook.
+               need_drift: bool, need_loo: bool) -> tuple[list[StepTerms | None], list[Tensor | None]]:
+    """Each parameter's step terms, read in the step post-hook, where ``.grad`` is the gradient
+    the step used (a fused optimizer under a ``GradScaler`` divides it by ``grad_scale`` in place
+    during its step).
 
     Args:
         adapter: the optimizer family's adapter.
@@ -206,8 +207,6 @@ def step_terms(adapter: OptimizerAdapter, optimizer: torch.optim.Optimizer, para
         theta_before: each parameter before the step, or None.
         need_drift: compute ``d0`` (second order).
         need_loo: compute the leave-one-out Jacobian.
-        grad_divisor: a fused optimizer's ``grad_scale`` (the returned gradients are divided by
-            it; the terms use ``p.grad`` as before), or None.
 
     Returns:
         ``(terms, grads)``: per parameter its :class:`StepTerms` (None when it was not updated)
@@ -224,7 +223,7 @@ def step_terms(adapter: OptimizerAdapter, optimizer: torch.optim.Optimizer, para
         theta = up(theta_before[i]) if theta_before is not None else None
         terms.append(adapter.terms(grads[i], groups[param_group[i]], _with_host_step(state.get(p, {}), steps[i]),
                                    before[i] if before else {}, theta, need_drift=need_drift, need_loo=need_loo))
-    return terms, grads if grad_divisor is None else _used_gradients(params, grad_divisor)
+    return terms, grads
 
 
 def midpoint_terms(adapter: OptimizerAdapter, optimizer: torch.optim.Optimizer, params: Sequence[Tensor],

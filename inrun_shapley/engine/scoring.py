@@ -17,7 +17,7 @@ from inrun_shapley.engine.sharding import is_sharded
 from inrun_shapley.engine.tracked import TrackedModule
 from inrun_shapley.host_reads import declared_read
 
-__all__ = ["ScoredStep", "captured_in_half", "grad_sq_norm", "gradient_scale", "grads_zeroed",
+__all__ = ["ScoredStep", "captured_in_half", "grad_sq_norm", "grads_zeroed",
            "score_micro_batches", "world_size"]
 
 
@@ -127,7 +127,7 @@ def grad_sq_norm(params: Sequence[Tensor]) -> Tensor | None:
     if not grads:
         return None
     if is_sharded(grads):  # FSDP2: over every rank's shard (one all-reduce)
-        return torch.tensor(sharding.grad_sq_norm(params), dtype=torch.float64, device=grads[0].device)
+        return sharding.grad_sq_norm(params)
     device = grads[0].device
     by_kind: dict[tuple, list[Tensor]] = {}
     for g in grads:
@@ -150,26 +150,3 @@ def grads_zeroed(params: Sequence[Tensor]) -> bool:
     device = grads[0].device
     with declared_read():
         return not bool(torch.stack([g.any().to(device) for g in grads]).any())
-
-
-def gradient_scale(grad_sq_after_backward: Tensor | None, grad_sq_now: Tensor | None, world_size: int | None,
-                   grad_scale=None) -> Tensor | float:
-    """Scalar between the captured contributions and the gradient the optimizer used, on the
-    device (float64; a float 1/world without an end-of-backward reading), no host read.
-
-    ``sqrt(|ḡ_used|² / |ḡ_backward|²)`` (gradient clipping and loss-scale unscaling, 1 without
-    an end-of-backward reading; 0 where the backward gradient was 0), divided by a fused
-    optimizer's ``grad_scale`` and by the number of data-parallel ranks averaging gradients
-    (``world_size``; None: the initialized ``torch.distributed`` world size, else 1).
-    """
-    world = globals()["world_size"](world_size)
-    if grad_sq_after_backward is None:
-        ratio = torch.ones((), dtype=torch.float64)
-    else:
-        now = torch.zeros_like(grad_sq_after_backward) if grad_sq_now is None else grad_sq_now
-        before = grad_sq_after_backward
-        ratio = torch.where(before > 0, (now.to(before.device) / torch.where(before > 0, before, 1.0)).sqrt(), 0.0)
-    if grad_scale is not None:  # fused optimizers unscale inside the kernel
-        gs = torch.as_tensor(grad_scale).float()
-        ratio = ratio.to(gs.device) / gs.double()
-    return ratio / world

@@ -134,8 +134,9 @@ def _reduce_sum(local: Tensor) -> Tensor:
     return local
 
 
-def grad_sq_norm(params: Sequence[Tensor]) -> float:
-    """``Σ_p |p.grad|²`` over every shard of every rank, float64 (one all-reduce).
+def grad_sq_norm(params: Sequence[Tensor]) -> Tensor:
+    """``Σ_p |p.grad|²`` over every shard of every rank, a float64 0-d tensor on the gradients'
+    device (one all-reduce, no host read).
 
     Assumes pure data-parallel sharding (every parameter sharded over the whole default group,
     as ``fully_shard`` on one mesh dimension does).
@@ -145,7 +146,7 @@ def grad_sq_norm(params: Sequence[Tensor]) -> float:
     local = torch.zeros((), dtype=torch.float64, device=device)
     for g in grads:
         local += up(_local(g.detach())).to(torch.float64).pow(2).sum()
-    return float(_reduce_sum(local))
+    return _reduce_sum(local)
 
 
 def grads_zeroed(params: Sequence[Tensor], lookup: UnshardedLookup | None = None) -> bool:

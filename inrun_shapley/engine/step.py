@@ -19,6 +19,7 @@ device tensors), so on a GPU the step synchronizes once more at most.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -32,14 +33,31 @@ from inrun_shapley.engine.directions import (
     Estimator, direction, midpoint_terms, second_order_vector, step_terms,
 )
 from inrun_shapley.engine.queries import GhostQueries, PlanRow, plan_query_path
-from inrun_shapley.engine.scoring import captured_in_half, grad_sq_norm, gradient_scale, score_micro_batches
+from inrun_shapley.engine.scoring import captured_in_half, grad_sq_norm, score_micro_batches
 from inrun_shapley.engine.step_check import StepSumCheck
 from inrun_shapley.engine.step_io import HostStep, to_host
 from inrun_shapley.engine.tracked import TrackedModule
 from inrun_shapley.engine.validation import ValidationObjective
 from inrun_shapley.optim.base import OptimizerAdapter, Workspace, fe_mul
 
-__all__ = ["PreStep", "StepPipeline"]
+__all__ = ["STAGES", "PreStep", "StepPipeline", "stage"]
+
+#: The step's stages as named ranges in a profiler trace (``torch.profiler``, Nsight, Kineto):
+#: each runs under ``record_function("inrun_shapley/<stage>")``; ``benchmarks/step_stages.py``
+#: sums them per step.
+STAGES = ("before_step", "midpoint", "validation", "directions", "terms", "score", "grad_norm", "check",
+          "to_host")
+
+
+_NO_RANGE = contextlib.nullcontext()
+
+
+def stage(name: str):
+    """A profiler range named ``inrun_shapley/<name>`` while a profiler runs; otherwise nothing
+    (an unconditional ``record_function`` costs ~10 µs each on a CPU)."""
+    if torch.autograd._profiler_enabled():
+        return torch.profiler.record_function(f"inrun_shapley/{name}")
+    return _NO_RANGE
 
 
 @dataclass
@@ -54,6 +72,7 @@ class PreStep:
     val_grads: list | None = None  # validation gradient at theta_t (estimators that take it there)
     ghost: GhostQueries | None = None  # per-query ghost path: the query side taken with val_grads
     flags: list = field(default_factory=list)  # device flags of the validation pass (non-finite losses)
+    grad_sq_now: Tensor | None = None  # |ḡ|² of the gradients the step is about to use (device, float64)
 
 
 class StepPipeline:
@@ -93,7 +112,7 @@ class StepPipeline:
         self.device = self.params[0].device
 
     # ------------------------------------------------------------------ (1)-(4) before the step
-    def before(self, step: int, session: CaptureSession, grad_scale=None) -> PreStep:
+    def before(self, step: int, session: CaptureSession, grad_scale=None, *, need_norm: bool = False) -> PreStep:
         """Stages (1)–(3), and (4) for the midpoint, once the step's gradients are final and
         before the optimizer changes anything (parameters are ``θ_t``, the optimizer state is the
         one the step starts from).
@@ -102,27 +121,42 @@ class StepPipeline:
             step: the step about to happen (1-based).
             session: the capture session (the per-query cost model reads its captures' shapes).
             grad_scale: a fused optimizer's ``grad_scale`` (its ``p.grad`` is still scaled).
+            need_norm: take ``|ḡ|²`` of the gradients the step is about to use (the tracker has an
+                end-of-backward norm to set it against).
         """
         groups, state = self.optimizer.param_groups, self.optimizer.state
+        # the norm is read again at the step, always: clipping rescales .grad, and GradScaler's unscale_
+        # and FSDP2's sharded gradients change it without bumping its version counter, so no
+        # cheaper test says the gradients are the ones seen at the end of backward. Read here, before
+        # the update: a fused optimizer divides .grad by its grad_scale in place during the step
+        pre_norm = None
+        if need_norm:
+            with stage("grad_norm"):
+                pre_norm = grad_sq_norm(self.params)
         # (1) what the adapter and the rules need from before the step
-        pre = PreStep(before=[self.adapter.before_step(groups[g], state.get(p, {}))
-                              for p, g in zip(self.params, self.param_group)])
-        pre.module_theta = {name: {pn: p.detach().clone() for pn, p in self.modules[name].params.items()}
-                            for name in self.reading_modules}
+        with stage("before_step"):
+            pre = PreStep(before=[self.adapter.before_step(groups[g], state.get(p, {}))
+                                  for p, g in zip(self.params, self.param_group)], grad_sq_now=pre_norm)
+            pre.module_theta = {name: {pn: p.detach().clone() for pn, p in self.modules[name].params.items()}
+                                for name in self.reading_modules}
         if self.estimator is Estimator.MIDPOINT:
             # (2) θ_t + Δ(G/2) and J from the state the step starts from, list-wide
-            terms, theta_half, pre.grads = midpoint_terms(
-                self.adapter, self.optimizer, self.params, self.param_group, self._grad_divisor(grad_scale),
-                self.workspace)
+            with stage("midpoint"):
+                terms, theta_half, pre.grads = midpoint_terms(
+                    self.adapter, self.optimizer, self.params, self.param_group,
+                    None if grad_scale is None else torch.as_tensor(grad_scale, device=self.device),
+                    self.workspace)
             # (3) the validation gradient there
-            if self.per_query:
-                val_grads, pre.ghost = self._query_gradients(session, at=theta_half)
-            else:
-                val_grads, _ = self.validation.gradient(self.model, self.params, step, at=theta_half,
-                                                        flags=pre.flags)
+            with stage("validation"):
+                if self.per_query:
+                    val_grads, pre.ghost = self._query_gradients(session, at=theta_half)
+                else:
+                    val_grads, _ = self.validation.gradient(self.model, self.params, step, at=theta_half,
+                                                            flags=pre.flags)
             del theta_half
             # (4) the directions M, here: the optimizer's own temporaries then find g_v and J freed
-            pre.directions = self._directions(terms, val_grads, None, pre.ghost)
+            with stage("directions"):
+                pre.directions = self._directions(terms, val_grads, None, pre.ghost)
             return pre
         if self.order == 2 or self.estimator.needs_theta_before:  # drift / L2 terms need theta_t
             detached = [p.detach() for p in self.params]
@@ -132,10 +166,11 @@ class StepPipeline:
             else:
                 torch._foreach_copy_(pre.theta, detached)
         if self.order == 1:  # (3) the validation gradient at θ_t
-            if self.per_query:
-                pre.val_grads, pre.ghost = self._query_gradients(session)
-            else:
-                pre.val_grads, _ = self.validation.gradient(self.model, self.params, step, flags=pre.flags)
+            with stage("validation"):
+                if self.per_query:
+                    pre.val_grads, pre.ghost = self._query_gradients(session)
+                else:
+                    pre.val_grads, _ = self.validation.gradient(self.model, self.params, step, flags=pre.flags)
         return pre
 
     # ------------------------------------------------------------------ (5)-(7) after the step
@@ -149,7 +184,8 @@ class StepPipeline:
             step: the step that happened (1-based).
             session: the capture session; ``batches`` its micro-batches of this step.
             grad_sq_backward: ``|ḡ|²`` at the end of backward (device, float64), or None.
-            grad_scale: a fused optimizer's ``grad_scale`` (its ``p.grad`` is still scaled).
+            grad_scale: a fused optimizer's ``grad_scale``: the captured output gradients carry it
+                (the optimizer divided ``.grad`` by it in place during the step).
             found_inf: a fused optimizer's ``found_inf`` (the step was skipped where non-zero).
             world_size: data-parallel ranks averaging gradients.
         """
@@ -157,44 +193,43 @@ class StepPipeline:
         if pre.directions is not None:  # the midpoint: (2)-(4) done before the step
             directions, grads, ghost = pre.directions, pre.grads, pre.ghost
         else:  # (2) the fixed-state terms from the state after the step
-            terms, grads = step_terms(
-                self.adapter, self.optimizer, self.params, self.param_group, pre.before, pre.theta,
-                need_drift=self.order == 2, need_loo=self.estimator.needs_loo_jacobian,
-                grad_divisor=self._grad_divisor(grad_scale))
+            with stage("terms"):  # .grad is the gradient the step used: a fused optimizer unscaled it in place
+                terms, grads = step_terms(
+                    self.adapter, self.optimizer, self.params, self.param_group, pre.before, pre.theta,
+                    need_drift=self.order == 2, need_loo=self.estimator.needs_loo_jacobian)
             hvps = None
             if self.order == 2:  # (3) g_v and H_v u at theta_t
-                (val_grads, hvps), ghost = self._second_order_terms(step, terms, grads, pre.theta, flags), None
+                with stage("validation"):
+                    (val_grads, hvps), ghost = self._second_order_terms(step, terms, grads, pre.theta, flags), None
             else:
                 val_grads, ghost = pre.val_grads, pre.ghost
             # (4) the directions M
-            directions = self._directions(terms, val_grads, hvps, ghost)
+            with stage("directions"):
+                directions = self._directions(terms, val_grads, hvps, ghost)
         # (5) every captured micro-batch scored on the device
         n_dirs = next(iter(directions.values())).shape[0] if directions else ghost.n_queries
-        scored = self.score(
-            batches, self.modules, directions, theta=pre.module_theta, ghost=ghost, n_directions=n_dirs,
-            per_query=self.per_query, keep_groups=self.keep_groups, device=self.device, dtype=self.compute_dtype)
-        # the norm is read again at the step, always: clipping rescales .grad, and GradScaler's unscale_
-        # and FSDP2's sharded gradients change it without bumping its version counter, so no
-        # cheaper test says the gradients are the ones seen at the end of backward
-        now = None if grad_sq_backward is None else grad_sq_norm(self.params)
-        scale = gradient_scale(grad_sq_backward, now, world_size, grad_scale)
-        # (6) the checks' inputs, folded with the values
+        with stage("score"):
+            scored = self.score(
+                batches, self.modules, directions, theta=pre.module_theta, ghost=ghost, n_directions=n_dirs,
+                per_query=self.per_query, keep_groups=self.keep_groups, device=self.device,
+                dtype=self.compute_dtype)
+        # (6) the checks' inputs
         dots = None
         if ghost is None and world_size == 1 and not self.sharded and self.check.mode != "off":
-            dots = self.check.dots(directions, self.params, grads)
-        # (7) one transfer to the host
-        host = to_host(scored, scale, dots, flags, found_inf, per_query=self.per_query, step=step)
+            with stage("check"):
+                dots = self.check.dots(directions, self.params, grads)
+        # (7) one transfer to the host, with the flags and both norms; scaled there
+        with stage("to_host"):
+            host = to_host(scored, dots, flags, found_inf, grad_sq_backward=grad_sq_backward, grad_sq_now=pre.grad_sq_now,
+                           grad_scale=grad_scale, world_size=world_size, per_query=self.per_query, step=step)
         if not host.skipped:
-            self.check(step, host, dot_params=None if dots is None else dots[1], module_params=self.module_params,
-                       compute_dtype=self.compute_dtype, low_precision=captured_in_half(batches))
+            with stage("check"):
+                self.check(step, host, dot_params=None if dots is None else dots[1],
+                           module_params=self.module_params, compute_dtype=self.compute_dtype,
+                           low_precision=captured_in_half(batches))
         return host
 
     # ------------------------------------------------------------------ the stages' parts
-    def _grad_divisor(self, grad_scale) -> Tensor | None:
-        """A fused optimizer's ``grad_scale`` on the parameters' device (its ``p.grad`` is still
-        scaled), or None."""
-        return None if grad_scale is None else torch.as_tensor(grad_scale, device=self.device)
-
     def _directions(self, terms, val_grads, hvps, ghost) -> dict[int, Tensor]:
         """Per tracked parameter (by id) its direction ``M`` as ``[Q, *shape]`` (``Q = 1`` unless
         per query), in the compute dtype; parameters the step did not update and ghost-path

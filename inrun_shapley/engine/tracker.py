@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ from inrun_shapley.engine.ids import as_sample_ids, sum_occurrences
 from inrun_shapley.engine import sharding
 from inrun_shapley.engine.scoring import grad_sq_norm, grads_zeroed, world_size
 from inrun_shapley.engine.step_check import StepSumCheck, nonfinite_training_step
-from inrun_shapley.engine.step import PreStep, StepPipeline
+from inrun_shapley.engine.step import PreStep, StepPipeline, stage
 from inrun_shapley.engine.sinks import close_at_exit, close_sink
 from inrun_shapley.engine.store import InMemoryValues
 from inrun_shapley.engine.options import check_kernels, check_options
@@ -50,6 +50,17 @@ from inrun_shapley.optim import adapter_for, innermost_optimizer
 __all__ = ["ESTIMATORS", "Estimator", "ModuleReport", "ShapleyTracker"]
 
 ESTIMATORS = tuple(e.value for e in Estimator)
+
+
+def amp_scaling(optimizer, kwargs: Mapping) -> tuple:
+    """``(grad_scale, found_inf)`` a ``GradScaler`` handed a fused optimizer for this step, or Nones.
+
+    ``GradScaler.step`` sets them as attributes of the optimizer for the length of its ``step()``
+    (torch ≥ 2.1; keyword arguments of ``step`` are read too, for optimizers called that way): the
+    optimizer then divides ``.grad`` by ``grad_scale`` inside its kernel (``.grad`` stays scaled)
+    and skips the update where ``found_inf`` is non-zero."""
+    return (kwargs.get("grad_scale", getattr(optimizer, "grad_scale", None)),
+            kwargs.get("found_inf", getattr(optimizer, "found_inf", None)))
 
 
 class ShapleyTracker(TrackerResults):
@@ -297,7 +308,8 @@ class ShapleyTracker(TrackerResults):
         The ratio of the norm the optimizer finally uses to this one is the scalar that loss
         scaling and gradient clipping applied to every sample's contribution.
         """
-        self._grad_sq_after_backward = grad_sq_norm(self._params)
+        with stage("grad_norm"):
+            self._grad_sq_after_backward = grad_sq_norm(self._params)
 
     def end_batch(self) -> None:
         """Mark the end of the open (micro-)batch; it is scored at the next optimizer step."""
@@ -347,7 +359,7 @@ class ShapleyTracker(TrackerResults):
                 listener.before_step(self, self.step + 1)
         self._pre = None
         kwargs = dict(kwargs or {})
-        grad_scale = kwargs.get("grad_scale")
+        grad_scale, _ = amp_scaling(optimizer, kwargs)
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0]: the optimizer
         if closure is None:
             self._run_before(grad_scale)
@@ -365,7 +377,8 @@ class ShapleyTracker(TrackerResults):
 
     def _run_before(self, grad_scale) -> None:
         with self._suspend():
-            self._pre = self._pipeline.before(self.step + 1, self._session, grad_scale=grad_scale)
+            self._pre = self._pipeline.before(self.step + 1, self._session, grad_scale=grad_scale,
+                                              need_norm=self._grad_sq_after_backward is not None)
 
     @property
     def query_plan(self):
@@ -389,7 +402,7 @@ class ShapleyTracker(TrackerResults):
         if pre is None:
             raise ConfigurationError("the optimizer's step post-hook ran without its pre-hook: the tracker "
                                      "cannot score this step (attach the tracker before calling step())")
-        kwargs = kwargs or {}
+        grad_scale, found_inf = amp_scaling(optimizer, kwargs or {})
         if self._grad_sq_after_backward is None and not self._warned_no_backward_signal:
             warnings.warn(
                 "inrun-shapley saw no end-of-backward signal for this step (tracker.batch(...) "
@@ -403,7 +416,7 @@ class ShapleyTracker(TrackerResults):
             with self._suspend():
                 host = self._pipeline.after(
                     pre, self.step + 1, self._session, batches, grad_sq_backward=self._grad_sq_after_backward,
-                    grad_scale=kwargs.get("grad_scale"), found_inf=kwargs.get("found_inf"),
+                    grad_scale=grad_scale, found_inf=found_inf,
                     world_size=world_size(self.world_size))
         except BaseException as exc:
             # a step that fails before its values are stored is not counted (``self.step`` stays) and
@@ -419,6 +432,7 @@ class ShapleyTracker(TrackerResults):
         self._grad_sq_after_backward = None
         if host.skipped:  # a fused optimizer skipped this step internally (found_inf)
             self._session.finish_step()
+            self.skipped_steps += 1
             return
         self.step += 1
         # sampling with replacement: one row per occurrence, summed per id (occurrences in ``counts``)

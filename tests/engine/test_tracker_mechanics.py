@@ -240,3 +240,57 @@ def test_grad_scaler_skipped_step_gets_no_value_and_scaling_cancels(estimator):
     scaled, plain = run(True), run(False)
     assert scaled.counts[4:8].tolist() == [0, 0, 0, 0] and scaled.skipped_steps == 1
     np.testing.assert_allclose(scaled.values, plain.values, rtol=1e-5, atol=1e-10)
+
+
+FUSED = {
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, fused=True),
+    "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, fused=True),
+}
+
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                       reason="needs a CUDA device")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("unscale_first", [False, True], ids=["in_kernel", "unscale_then_clip"])
+@pytest.mark.parametrize("optimizer", list(FUSED))
+@pytest.mark.parametrize("estimator", ["midpoint", "shapley"])
+def test_fused_optimizer_under_grad_scaler(estimator, optimizer, unscale_first, device):
+    """``scaler.step`` hands a fused optimizer ``grad_scale`` and ``found_inf`` as attributes for
+    the length of its step; the kernel divides ``.grad`` in place and skips where ``found_inf``.
+    Values equal the unscaled run's (to rounding), and the skipped step gets none. With
+    ``unscale_`` first (to clip), ``grad_scale`` is None and only ``found_inf`` is handed over."""
+    def run(use_scaler):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(device)
+        opt = FUSED[optimizer](model.parameters())
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(12, 4, generator=g).to(device), torch.randn(12, 2, generator=g).to(device)
+        val = (torch.randn(4, 4, generator=g).to(device), torch.randn(4, 2, generator=g).to(device))
+        tr = ShapleyTracker(model, opt, val_data=val, val_loss_fn=_mse_rows, estimator=estimator, step_check="raise")
+        scaler = torch.amp.GradScaler(device, init_scale=2.0**10) if use_scaler else None
+        for step, ids in enumerate(torch.arange(12).split(4)):
+            poison = step == 1
+            if poison and not use_scaler:
+                continue
+            with tr.batch(ids):
+                rows = ids.to(device)
+                loss = F.mse_loss(model(x[rows]), y[rows]) * (float("inf") if poison else 1.0)
+                (scaler.scale(loss) if scaler else loss).backward()
+            if unscale_first:
+                if scaler:
+                    scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            opt.zero_grad()
+        return tr
+
+    scaled, plain = run(True), run(False)
+    assert scaled.counts[4:8].tolist() == [0, 0, 0, 0] and scaled.skipped_steps == 1
+    assert np.abs(plain.values).sum() > 0
+    np.testing.assert_allclose(scaled.values, plain.values, rtol=1e-5, atol=1e-10)
