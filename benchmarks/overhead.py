@@ -257,7 +257,15 @@ class Floor(Variant):
         self.opt.zero_grad(set_to_none=True)
         self.loss(self.model, x, y).mean().backward()
         self.opt.step()
+        self.validation_gradient()
+        self.layer_forwards()
+
+    def validation_gradient(self):
+        """The floor's first part: the validation forward/backward."""
         self.objective.gradient(self.model, self.params, self.k)
+
+    def layer_forwards(self):
+        """The floor's second part: one forward of every tracked layer on its captured inputs."""
         with self.wl.autocast():
             with torch.no_grad():
                 for module, args in self.inputs:

@@ -1,0 +1,189 @@
+"""Where the tracker's step time goes, stage by stage, beside the floor's two parts (issue 23).
+
+The overhead benchmark (:mod:`benchmarks.overhead`) gives the ratios; this one says which stage
+of the tracker's step is above the floor and by how much. It runs the overhead benchmark's
+``plain``, ``floor_1/8`` and ``tracker_1/8`` variants (optionally ``compiled_1/8``) on its
+models, interleaved step by step, and times:
+
+* each variant's whole step (process CPU time, or wall time with a device sync on CUDA);
+* each stage of the tracker's step: the pipeline's named ranges (``inrun_shapley.engine.step.
+  STAGES``: the same names a ``torch.profiler`` trace shows), timed here by replacing the
+  pipeline's ``stage`` context with a timer (no profiler, so its per-operator overhead does not
+  inflate the stages made of many small kernels);
+* the floor's two parts: the validation forward/backward and the layer forwards.
+
+What no stage covers (``tracker − plain − Σ stages``) is the forward/backward under capture: the
+hooks and the slowdown of holding the captured output gradients, plus the per-batch bookkeeping.
+
+Numbers are means over the measured steps, so that a variant's stages and its remainder add up
+to its step (the ratios to quote are :mod:`benchmarks.overhead`'s medians over repeats).
+
+Run::
+
+    python -m benchmarks.step_stages                      # mlp and transformer, CPU, 1 thread
+    python -m benchmarks.step_stages --device cuda        # the GPT-2-small-size model, bf16 autocast
+    python -m benchmarks.step_stages --models mlp --compiled --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+
+from benchmarks.common import cli
+from benchmarks.overhead import build_variants, make_workload
+from inrun_shapley.engine import step as step_module
+from inrun_shapley.engine import tracker as tracker_module
+
+# the tracker's stages, and the floor part each is set against (None: nothing in the floor)
+COUNTERPART = {
+    "validation": "validation", "score": "layer forwards", "midpoint": None, "directions": None,
+    "terms": None, "grad_norm": None, "check": None, "to_host": None, "before_step": None,
+}
+
+
+class StageClock:
+    """Accumulates time per stage name for the step in progress (the pipeline's ``stage``)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.current: dict[str, float] = defaultdict(float)
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return time.perf_counter()
+        return time.process_time()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = self.now()
+        try:
+            yield
+        finally:
+            self.current[name] += self.now() - t0
+
+    def take(self) -> dict[str, float]:
+        out, self.current = dict(self.current), defaultdict(float)
+        return out
+
+
+@contextlib.contextmanager
+def timed_stages(clock: StageClock):
+    """Route the pipeline's (and the tracker's) ``stage`` ranges to ``clock`` while the block runs."""
+    saved = step_module.stage, tracker_module.stage
+    step_module.stage = tracker_module.stage = clock
+    try:
+        yield
+    finally:
+        step_module.stage, tracker_module.stage = saved
+
+
+def _timed_method(obj, name: str, clock: StageClock, label: str) -> None:
+    method = getattr(obj, name)
+
+    def timed(*args, **kwargs):
+        with clock(label):
+            return method(*args, **kwargs)
+
+    setattr(obj, name, timed)
+
+
+def measure(model: str, steps: int, warmup: int, device: torch.device, compiled: bool, quick: bool = False):
+    """``(totals, stages)``: per variant the mean step in ms; per variant the mean ms of each
+    stage (tracker variants: pipeline stages; floor: its two parts)."""
+    names = ["plain", "floor_1/8", "tracker_1/8"] + (["compiled_1/8"] if compiled else [])
+    wl = make_workload(model, quick, 8, device)
+    variants = build_variants(wl, device, names)
+    clock = StageClock(device)
+    floor = variants["floor_1/8"]
+    _timed_method(floor, "validation_gradient", clock, "validation")
+    _timed_method(floor, "layer_forwards", clock, "layer forwards")
+    totals: dict[str, list[float]] = {n: [] for n in names}
+    parts: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    with timed_stages(clock):
+        for k in range(warmup + steps):
+            r = k % len(names)
+            for n in names[r:] + names[:r]:
+                clock.take()
+                t0 = clock.now()
+                variants[n].step()
+                t1 = clock.now()
+                stage_times = clock.take()
+                if k >= warmup:
+                    totals[n].append(t1 - t0)
+                    parts[n].append(stage_times)
+    mean_ms = {n: statistics.fmean(v) * 1e3 for n, v in totals.items()}
+    stage_ms = {}
+    for n, per_step in parts.items():
+        keys = sorted({key for d in per_step for key in d})
+        stage_ms[n] = {key: statistics.fmean(d.get(key, 0.0) for d in per_step) * 1e3 for key in keys}
+    return mean_ms, stage_ms
+
+
+def report(model: str, totals: dict, stages: dict, tracker: str = "tracker_1/8") -> list[str]:
+    plain, floor, tr = totals["plain"], totals["floor_1/8"], totals[tracker]
+    floor_parts = stages["floor_1/8"]
+    lines = [f"[{model}] {tracker}: step {tr:.2f} ms, plain {plain:.2f} ms, floor {floor:.2f} ms "
+             f"(tracker / floor {tr / floor:.2f})",
+             f"  {'stage':<26}{'tracker ms':>11}{'floor ms':>10}{'above floor':>13}{'% of floor':>12}"]
+    covered = 0.0
+    for name in step_module.STAGES:
+        if name not in stages[tracker]:
+            continue
+        ms = stages[tracker][name]
+        covered += ms
+        other = COUNTERPART.get(name)
+        base = floor_parts.get(other, 0.0) if other else 0.0
+        shown = f"{base:10.2f}" if other else f"{'-':>10}"
+        lines.append(f"  {name + ('' if not other else ' (vs ' + other + ')'):<26}{ms:11.2f}{shown}"
+                     f"{ms - base:13.2f}{(ms - base) / floor * 100:11.1f}%")
+    rest = tr - plain - covered
+    floor_rest = floor - plain - sum(floor_parts.values())
+    lines.append(f"  {'forward/backward, capture':<26}{rest:11.2f}{floor_rest:10.2f}{rest - floor_rest:13.2f}"
+                 f"{(rest - floor_rest) / floor * 100:11.1f}%")
+    lines.append(f"  {'total above the floor':<26}{'':11}{'':10}{tr - floor:13.2f}{(tr - floor) / floor * 100:11.1f}%")
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=None, choices=["mlp", "transformer", "gpt2"],
+                    help="default: mlp transformer on CPU, gpt2 (GPT-2-small size, bf16 autocast) on CUDA")
+    ap.add_argument("--device", default="cpu")
+    cli.add_quick(ap, help="tiny sizes and a few steps (smoke test)")
+    ap.add_argument("--steps", type=int, default=None, help="measured steps per variant (default 30)")
+    ap.add_argument("--warmup", type=int, default=None, help="default 5")
+    ap.add_argument("--compiled", action="store_true", help="also the tracker with kernels='compiled'")
+    cli.add_threads(ap, default=None)
+    args = ap.parse_args(argv)
+    args.steps = args.steps or (3 if args.quick else 30)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("step_stages: --device cuda requested but no CUDA device is available; skipped")
+        return 0
+    if args.threads is None and device.type == "cpu":
+        args.threads = 1
+    cli.set_threads(args.threads)
+    args.models = args.models or (["gpt2"] if device.type == "cuda" else ["mlp", "transformer"])
+    print(f"command: {cli.command_line('step_stages', argv)}")
+    print(f"torch {torch.__version__}, device {device}, "
+          + ("wall time, synchronized" if device.type == "cuda" else f"process CPU time, {torch.get_num_threads()} thread(s)")
+          + f", mean of {args.steps} steps after {args.warmup} warmup")
+    for model in args.models:
+        totals, stages = measure(model, args.steps, args.warmup, device, args.compiled, args.quick)
+        print()
+        print("\n".join(report(model, totals, stages)))
+        if args.compiled:
+            print("\n".join(report(model, totals, stages, tracker="compiled_1/8")))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
