@@ -73,6 +73,7 @@ class PreStep:
     ghost: GhostQueries | None = None  # per-query ghost path: the query side taken with val_grads
     flags: list = field(default_factory=list)  # device flags of the validation pass (non-finite losses)
     grad_sq_now: Tensor | None = None  # |ḡ|² of the gradients the step is about to use (device, float64)
+    dots: tuple | None = None  # the midpoint's step-sum check inputs, taken while M and ḡ are fresh
 
 
 class StepPipeline:
@@ -112,7 +113,8 @@ class StepPipeline:
         self.device = self.params[0].device
 
     # ------------------------------------------------------------------ (1)-(4) before the step
-    def before(self, step: int, session: CaptureSession, grad_scale=None, *, need_norm: bool = False) -> PreStep:
+    def before(self, step: int, session: CaptureSession, grad_scale=None, *, need_norm: bool = False,
+               world_size: int = 1) -> PreStep:
         """Stages (1)–(3), and (4) for the midpoint, once the step's gradients are final and
         before the optimizer changes anything (parameters are ``θ_t``, the optimizer state is the
         one the step starts from).
@@ -123,6 +125,7 @@ class StepPipeline:
             grad_scale: a fused optimizer's ``grad_scale`` (its ``p.grad`` is still scaled).
             need_norm: take ``|ḡ|²`` of the gradients the step is about to use (the tracker has an
                 end-of-backward norm to set it against).
+            world_size: data-parallel ranks averaging gradients (the step-sum check runs on one).
         """
         groups, state = self.optimizer.param_groups, self.optimizer.state
         # the norm is read again at the step, always: clipping rescales .grad, and GradScaler's unscale_
@@ -157,6 +160,9 @@ class StepPipeline:
             # (4) the directions M, here: the optimizer's own temporaries then find g_v and J freed
             with stage("directions"):
                 pre.directions = self._directions(terms, val_grads, None, pre.ghost)
+            if self._checks_dots(pre.ghost, world_size):  # (6)'s device side, while M and ḡ are in cache
+                with stage("check"):
+                    pre.dots = self.check.dots(pre.directions, self.params, pre.grads)
             return pre
         if self.order == 2 or self.estimator.needs_theta_before:  # drift / L2 terms need theta_t
             detached = [p.detach() for p in self.params]
@@ -214,8 +220,8 @@ class StepPipeline:
                 per_query=self.per_query, keep_groups=self.keep_groups, device=self.device,
                 dtype=self.compute_dtype)
         # (6) the checks' inputs
-        dots = None
-        if ghost is None and world_size == 1 and not self.sharded and self.check.mode != "off":
+        dots = pre.dots
+        if pre.directions is None and self._checks_dots(ghost, world_size):
             with stage("check"):
                 dots = self.check.dots(directions, self.params, grads)
         # (7) one transfer to the host, with the flags and both norms; scaled there
@@ -230,6 +236,11 @@ class StepPipeline:
         return host
 
     # ------------------------------------------------------------------ the stages' parts
+    def _checks_dots(self, ghost, world_size: int) -> bool:
+        """Whether the step-sum check runs: not on the ghost path (no per-parameter ``M``), not
+        with several ranks or shards (each holds a part of the sum), not when it is off."""
+        return ghost is None and world_size == 1 and not self.sharded and self.check.mode != "off"
+
     def _directions(self, terms, val_grads, hvps, ghost) -> dict[int, Tensor]:
         """Per tracked parameter (by id) its direction ``M`` as ``[Q, *shape]`` (``Q = 1`` unless
         per query), in the compute dtype; parameters the step did not update and ghost-path

@@ -378,7 +378,8 @@ class ShapleyTracker(TrackerResults):
     def _run_before(self, grad_scale) -> None:
         with self._suspend():
             self._pre = self._pipeline.before(self.step + 1, self._session, grad_scale=grad_scale,
-                                              need_norm=self._grad_sq_after_backward is not None)
+                                              need_norm=self._grad_sq_after_backward is not None,
+                                              world_size=world_size(self.world_size))
 
     @property
     def query_plan(self):
