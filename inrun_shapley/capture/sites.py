@@ -200,6 +200,10 @@ class BroadcastWatch(TorchFunctionMode):
         args, kwargs = list(args), dict(kwargs)
         for slot, t, w in hits:
             if not self._broadcasts(t.shape, shape):
+                if w.once and tuple(t.shape) == tuple(shape):
+                    # a module output that met the batch row for row: it carries the samples, its
+                    # rows are read as such; nothing is left to catch for it (the mode may leave)
+                    self.watched.pop(id(t), None)
                 continue
             expanded = t.expand(shape)
             self._hook(w, expanded, t.shape)

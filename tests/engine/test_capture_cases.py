@@ -178,6 +178,49 @@ def test_position_embedding_without_a_batch_dimension_is_valued_exactly(model_cl
     assert oracles.relative_error(got, ref) <= 1e-10, (got, ref)
 
 
+class PositionsPerSample(TinyGPT):
+    """Positions built inside the model and expanded to the batch (``arange(T).expand(B, T)``):
+    the call has the batch's rows, but its input is not the model's, so it is watched until it
+    meets the batch, here row for row."""
+
+    def forward(self, tokens):
+        b, t = tokens.shape
+        h = self.tok(tokens) + self.pos(torch.arange(t).expand(b, t))
+        h = self.ln(h + self.attn(h, h, h, need_weights=False)[0])
+        return self.head(h.reshape(-1, h.shape[-1]))
+
+
+def test_positions_that_meet_the_batch_row_for_row_are_exact_and_leave_the_op_stream(monkeypatch):
+    """Valued as per-sample rows (exact), and the op watch leaves once the positions have met the
+    batch: the rest of the forward runs without a Python call per op (before, it stayed for the
+    whole forward, waiting for a broadcast that never comes)."""
+    from inrun_shapley.capture.sites import BroadcastWatch
+
+    torch.manual_seed(3)
+    model = PositionsPerSample("flat").double()
+    tokens = torch.randint(0, 11, (4, 7))
+    val = (torch.randint(0, 11, (2, 7)),)
+    got, ref, tracker = sgd_values_and_reference(model, _next_token_loss, (tokens,), val)
+    assert oracles.relative_error(got, ref) <= 1e-10, (got, ref)
+
+    seen = []
+    handler = BroadcastWatch.__torch_function__
+
+    def counting(self, func, types, args=(), kwargs=None):
+        seen.append(getattr(func, "__name__", str(func)))
+        return handler(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(BroadcastWatch, "__torch_function__", counting)
+    tracker = ShapleyTracker(model, torch.optim.SGD(model.parameters(), lr=LR), val_data=val,
+                             val_loss_fn=lambda m, b: _next_token_loss(m, *b))
+    with tracker.batch(torch.arange(4)):
+        _next_token_loss(model, tokens).mean().backward()
+    tracker.detach()
+    assert "add" in seen  # the positions met the batch under the watch
+    # it leaves at the next tracked module's hook (after the attention): nothing later is seen
+    assert not {"layer_norm", "linear", "cross_entropy"} & set(seen), seen
+
+
 class PositionsUsedTwice(TinyGPT):
     """The position table also enters the loss without meeting the batch: not splittable."""
 
