@@ -15,8 +15,10 @@ models, interleaved step by step, and times:
 What no stage covers (``tracker − plain − Σ stages``) is the forward/backward under capture: the
 hooks and the slowdown of holding the captured output gradients, plus the per-batch bookkeeping.
 
-Numbers are means over the measured steps, so that a variant's stages and its remainder add up
-to its step (the ratios to quote are :mod:`benchmarks.overhead`'s medians over repeats).
+Numbers are medians over the measured steps: of each variant's step, of each stage's per-step sum,
+and of each step's remainder (its time outside the stages), so a slow outlier step moves none of
+them; the rows then add up to the difference of the medians only approximately. The ratios to
+quote are :mod:`benchmarks.overhead`'s (medians over repeats).
 
 Run::
 
@@ -95,8 +97,9 @@ def _timed_method(obj, name: str, clock: StageClock, label: str) -> None:
 
 
 def measure(model: str, steps: int, warmup: int, device: torch.device, compiled: bool, quick: bool = False):
-    """``(totals, stages)``: per variant the mean step in ms; per variant the mean ms of each
-    stage (tracker variants: pipeline stages; floor: its two parts)."""
+    """``(totals, stages)``: per variant the median step in ms; per variant the median ms of each
+    stage (tracker variants: pipeline stages; floor: its two parts) and of the step's remainder
+    outside them (``"rest"``)."""
     names = ["plain", "floor_1/8", "tracker_1/8"] + (["compiled_1/8"] if compiled else [])
     wl = make_workload(model, quick, 8, device)
     variants = build_variants(wl, device, names)
@@ -118,12 +121,13 @@ def measure(model: str, steps: int, warmup: int, device: torch.device, compiled:
                 if k >= warmup:
                     totals[n].append(t1 - t0)
                     parts[n].append(stage_times)
-    mean_ms = {n: statistics.fmean(v) * 1e3 for n, v in totals.items()}
+    median_ms = {n: statistics.median(v) * 1e3 for n, v in totals.items()}
     stage_ms = {}
     for n, per_step in parts.items():
         keys = sorted({key for d in per_step for key in d})
-        stage_ms[n] = {key: statistics.fmean(d.get(key, 0.0) for d in per_step) * 1e3 for key in keys}
-    return mean_ms, stage_ms
+        stage_ms[n] = {key: statistics.median(d.get(key, 0.0) for d in per_step) * 1e3 for key in keys}
+        stage_ms[n]["rest"] = statistics.median(t - sum(d.values()) for t, d in zip(totals[n], per_step)) * 1e3
+    return median_ms, stage_ms
 
 
 def report(model: str, totals: dict, stages: dict, tracker: str = "tracker_1/8") -> list[str]:
@@ -132,19 +136,17 @@ def report(model: str, totals: dict, stages: dict, tracker: str = "tracker_1/8")
     lines = [f"[{model}] {tracker}: step {tr:.2f} ms, plain {plain:.2f} ms, floor {floor:.2f} ms "
              f"(tracker / floor {tr / floor:.2f})",
              f"  {'stage':<26}{'tracker ms':>11}{'floor ms':>10}{'above floor':>13}{'% of floor':>12}"]
-    covered = 0.0
     for name in step_module.STAGES:
         if name not in stages[tracker]:
             continue
         ms = stages[tracker][name]
-        covered += ms
         other = COUNTERPART.get(name)
         base = floor_parts.get(other, 0.0) if other else 0.0
         shown = f"{base:10.2f}" if other else f"{'-':>10}"
         lines.append(f"  {name + ('' if not other else ' (vs ' + other + ')'):<26}{ms:11.2f}{shown}"
                      f"{ms - base:13.2f}{(ms - base) / floor * 100:11.1f}%")
-    rest = tr - plain - covered
-    floor_rest = floor - plain - sum(floor_parts.values())
+    rest = stages[tracker]["rest"] - plain
+    floor_rest = floor_parts["rest"] - plain
     lines.append(f"  {'forward/backward, capture':<26}{rest:11.2f}{floor_rest:10.2f}{rest - floor_rest:13.2f}"
                  f"{(rest - floor_rest) / floor * 100:11.1f}%")
     lines.append(f"  {'total above the floor':<26}{'':11}{'':10}{tr - floor:13.2f}{(tr - floor) / floor * 100:11.1f}%")
@@ -175,7 +177,7 @@ def main(argv=None) -> int:
     print(f"command: {cli.command_line('step_stages', argv)}")
     print(f"torch {torch.__version__}, device {device}, "
           + ("wall time, synchronized" if device.type == "cuda" else f"process CPU time, {torch.get_num_threads()} thread(s)")
-          + f", mean of {args.steps} steps after {args.warmup} warmup")
+          + f", median of {args.steps} steps after {args.warmup} warmup")
     for model in args.models:
         totals, stages = measure(model, args.steps, args.warmup, device, args.compiled, args.quick)
         print()
