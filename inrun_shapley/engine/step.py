@@ -3,18 +3,22 @@
 :meth:`StepPipeline.before` runs once the step's gradients are final and before the optimizer
 changes anything (the step pre-hook, or after the step's closure): the parameters are still
 ``θ_t`` and the optimizer state is the one the step starts from, so nothing needs copying or
-reconstructing. (1) The adapter's pre-step record; (2) the step's terms: for the midpoint
-(the default) ``θ_t + Δ(G/2)`` and ``J`` as list-wide kernels of the optimizer family
-(:mod:`~inrun_shapley.engine.directions`); (3) the validation gradient at the estimator's point
-(``θ_half`` or ``θ_t``), through wrappers built once (the model is never written:
-``torch.func.functional_call``); (4) for the midpoint, the directions ``M`` (so that only ``M``
-is held through the optimizer's update). It returns a :class:`PreStep`. Then, in the step
-post-hook, :meth:`StepPipeline.after`: (2)–(4) for the fixed-state estimators, which read the
-state after the step; (5) every captured micro-batch scored into one values tensor on the
-device (:mod:`~inrun_shapley.engine.scoring`); (6) every check folded into flags on the device;
-(7) one transfer to the host (:mod:`~inrun_shapley.engine.step_io`). Nothing in (1)–(6) reads a
+reconstructing. It takes the norm of the gradient the step is about to use (a fused optimizer
+unscales ``.grad`` in place during its step, so later is too late), then (1) the adapter's
+pre-step record; (2) the step's terms: for the midpoint (the default) ``θ_t + Δ(G/2)`` and
+``J`` as list-wide kernels of the optimizer family (:mod:`~inrun_shapley.engine.directions`);
+(3) the validation gradient at the estimator's point (``θ_half`` or ``θ_t``), through wrappers
+built once (the model is never written: ``torch.func.functional_call``); (4) for the midpoint,
+the directions ``M`` (so that only ``M`` is held through the optimizer's update) and the
+step-sum check's dot products. It returns a :class:`PreStep`. Then, in the step post-hook,
+:meth:`StepPipeline.after`: (2)–(4) for the fixed-state estimators, which read the state after
+the step; (5) every captured micro-batch scored into one values tensor on the device
+(:mod:`~inrun_shapley.engine.scoring`); (6) the check's dot products; (7) one transfer to the
+host of the values, the dot products, both norms and every flag, then the scale, the scaling
+and the checks on the host (:mod:`~inrun_shapley.engine.step_io`). Nothing in (1)–(6) reads a
 value on the host but the optimizer's step counts (one read for the whole model, where they are
-device tensors), so on a GPU the step synchronizes once more at most.
+device tensors), so on a GPU the step synchronizes once more at most. Each stage runs under
+:func:`stage`, a named range in a profiler trace.
 """
 
 from __future__ import annotations
