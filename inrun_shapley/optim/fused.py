@@ -6,7 +6,7 @@ makes 13 passes over memory per parameter; this is the same arithmetic as one
 ``g, m, v, θ`` once and writes ``θ_half`` and ``J`` once. It is compiled once per process and
 list of shapes (seconds to tens of seconds at the first step; torch's compile cache shortens
 later processes); every step after that runs the compiled code. The per-step scalars (bias
-corrections, learning rate) enter as one host tensor, so that a changing learning rate or step
+corrections, learning rate) enter as 0-d host tensors, so that a changing learning rate or step
 count never recompiles. Measured on the CPU only: the CUDA path (a Triton kernel) is written and
 has a test (``tests/engine/test_gpu.py``) that has not yet run on a GPU.
 
@@ -31,9 +31,11 @@ _SIGNATURES: set = set()  # the lists of (shape, dtype, device) compiled for so 
 
 
 def _adam_midpoint_body(g_half: list[Tensor], m: list[Tensor], v: list[Tensor], theta: list[Tensor],
-                        out_theta: list[Tensor], out_jac: list[Tensor], scalars: Tensor) -> None:
-    """The arithmetic of ``adam_midpoint._midpoint_foreach`` (same names, same folded scalars)."""
-    c_v, c_m, eps_a, floor, keep, step_scale, j_v, j_mg, j_u = scalars.unbind(0)
+                        out_theta: list[Tensor], out_jac: list[Tensor], c_v: Tensor, c_m: Tensor, eps_a: Tensor,
+                        floor: Tensor, keep: Tensor, step_scale: Tensor, j_v: Tensor, j_mg: Tensor,
+                        j_u: Tensor) -> None:
+    """The arithmetic of ``adam_midpoint._midpoint_foreach`` (same names, same folded scalars, each
+    a 0-d host tensor: its value is an argument of the kernel, so a new value never recompiles)."""
     for i in range(len(g_half)):
         gi = g_half[i]
         u = torch.sqrt(v[i] + c_v * gi * gi).clamp_min(floor)
@@ -83,11 +85,11 @@ def adam_midpoint_fused(g_half: list[Tensor], m: list[Tensor], v: list[Tensor], 
         if len(_SIGNATURES) >= _recompile_limit():
             return False
         _SIGNATURES.add(signature)
-    # on the host whatever the tensors' device: a CPU scalar enters a CUDA kernel as an argument,
-    # where a copy to the device would wait for it every step
-    sc = torch.tensor(scalars, dtype=g_half[0].dtype)
+    # 0-d tensors on the host whatever the tensors' device: torch.compile passes a 0-d CPU tensor
+    # input to a CUDA kernel by value, where a copy to the device would wait for it every step
+    sc = torch.tensor(scalars, dtype=g_half[0].dtype).unbind(0)
     try:
-        _kernel()(g_half, m, v, theta, out_theta, out_jac, sc)
+        _kernel()(g_half, m, v, theta, out_theta, out_jac, *sc)
     except Exception as exc:  # a missing compiler, an unsupported build: fall back, say so once
         _FAILED = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         warnings.warn(f"inrun-shapley: kernels='compiled' could not compile the midpoint kernel here ({_FAILED}); "

@@ -89,3 +89,36 @@ def test_shapes_past_the_recompile_limit_take_the_list_wide_kernels(monkeypatch)
     monkeypatch.setattr(fused, "_kernel", lambda: pytest.fail("compiled past the limit"))
     g = [torch.randn(3)]
     assert not fused.adam_midpoint_fused(g, g, g, g, [torch.empty(3)], [torch.empty(3)], [1.0] * 9)
+
+
+@pytest.mark.skipif(not _compiles(), reason="torch.compile does not work on this machine")
+def test_a_changing_learning_rate_and_step_count_compile_once():
+    """The per-step scalars are kernel arguments: a schedule changing the learning rate every step
+    (and the step count, which moves the bias corrections) compiles the kernel once."""
+    from torch._dynamo.utils import counters
+
+    def make(ps):
+        opt = torch.optim.AdamW(ps, lr=0.05, weight_decay=0.1)
+        make.scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + k))
+        return opt
+
+    torch._dynamo.reset()
+    fused._COMPILED = None
+    counters.clear()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = make(model.parameters())
+    val = (torch.randn(8, 12), torch.randint(0, 3, (8,)))
+    tracker = ShapleyTracker(model, opt, val_data=val, kernels="compiled",
+                             val_loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"))
+    for step in range(4):
+        x, y = torch.randn(10, 12), torch.randint(0, 3, (10,))
+        opt.zero_grad()
+        with tracker.batch(torch.arange(10) + 10 * step):
+            F.cross_entropy(model(x), y).backward()
+        opt.step()
+        make.scheduler.step()
+    tracker.detach()
+    assert fused.fused_available() is None
+    # one graph: the first step (zero moments, same shapes) and the later ones share it
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
