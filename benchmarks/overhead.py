@@ -595,31 +595,46 @@ def _memory_lines(model: str, mem) -> list[str]:
     return lines
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_workload_args(ap: argparse.ArgumentParser) -> None:
+    """The options every benchmark of the step on these workloads shares: models, device, quick
+    sizes, measured and warmup steps, threads (see :func:`workload_setup`)."""
     ap.add_argument("--models", nargs="+", default=None, choices=["mlp", "transformer", "gpt2"],
                     help="default: mlp transformer on CPU, gpt2 (GPT-2-small size, bf16 autocast) on CUDA")
     ap.add_argument("--device", default="cpu")
     cli.add_quick(ap, help="tiny sizes and a few steps (smoke test)")
-    ap.add_argument("--steps", type=int, default=None, help="measured steps per variant")
-    ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=None, help="timing runs per model (the spread of the ratios is shown)")
-    ap.add_argument("--mem-steps", type=int, default=None, help="measured steps in each memory subprocess")
+    ap.add_argument("--steps", type=int, default=None, help="measured steps per variant (default 30; 3 with --quick)")
+    ap.add_argument("--warmup", type=int, default=None, help="default 5; 1 with --quick")
     cli.add_threads(ap, default=None)  # None: 1 on CPU (stable ratios on a shared machine), torch's default on CUDA
-    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    ap.add_argument("--memory-child", nargs=2, metavar=("MODELS", "VARIANTS"), help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+
+
+def workload_setup(args: argparse.Namespace, name: str) -> torch.device | None:
+    """Fill in :func:`add_workload_args`' defaults and set the threads; the device, or None (after
+    saying so) when CUDA was asked for and there is none."""
     args.steps = args.steps or (3 if args.quick else 30)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
-    args.repeats = args.repeats or (1 if args.quick else 3)
-    args.mem_steps = args.mem_steps or (2 if args.quick else 5)
     if args.threads is None and args.device == "cpu":
         args.threads = 1  # intra-op threads stall badly when the cores are shared; see --threads
     cli.set_threads(args.threads)
-
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("overhead benchmark: --device cuda requested but no CUDA device is available; skipped")
+        print(f"{name}: --device cuda requested but no CUDA device is available; skipped")
+        return None
+    args.models = args.models or (["gpt2"] if device.type == "cuda" else ["mlp", "transformer"])
+    return device
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_workload_args(ap)
+    ap.add_argument("--repeats", type=int, default=None, help="timing runs per model (the spread of the ratios is shown)")
+    ap.add_argument("--mem-steps", type=int, default=None, help="measured steps in each memory subprocess")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--memory-child", nargs=2, metavar=("MODELS", "VARIANTS"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.mem_steps = args.mem_steps or (2 if args.quick else 5)
+    device = workload_setup(args, "overhead benchmark")
+    if device is None:
         return 0
 
     if args.memory_child:
@@ -630,7 +645,6 @@ def main(argv=None) -> int:
     print(f"command: {cli.command_line('overhead', argv)}")
     print(f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", torch threads: {torch.get_num_threads()}"))
-    args.models = args.models or (["gpt2"] if device.type == "cuda" else ["mlp", "transformer"])
     variants = ["plain", "floor_1/8", "tracker_1/8", "fixed_1/8", "fixed_o2_1/8", "tracker_eq", "func"]
     if args.models == ["gpt2"]:
         variants = GPU_VARIANTS

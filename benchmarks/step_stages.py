@@ -38,7 +38,7 @@ from collections import defaultdict
 import torch
 
 from benchmarks.common import cli
-from benchmarks.overhead import build_variants, make_workload
+from benchmarks.overhead import add_workload_args, build_variants, make_workload, workload_setup
 from inrun_shapley.engine import step as step_module
 from inrun_shapley.engine import tracker as tracker_module
 
@@ -155,25 +155,12 @@ def report(model: str, totals: dict, stages: dict, tracker: str = "tracker_1/8")
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=None, choices=["mlp", "transformer", "gpt2"],
-                    help="default: mlp transformer on CPU, gpt2 (GPT-2-small size, bf16 autocast) on CUDA")
-    ap.add_argument("--device", default="cpu")
-    cli.add_quick(ap, help="tiny sizes and a few steps (smoke test)")
-    ap.add_argument("--steps", type=int, default=None, help="measured steps per variant (default 30)")
-    ap.add_argument("--warmup", type=int, default=None, help="default 5")
+    add_workload_args(ap)
     ap.add_argument("--compiled", action="store_true", help="also the tracker with kernels='compiled'")
-    cli.add_threads(ap, default=None)
     args = ap.parse_args(argv)
-    args.steps = args.steps or (3 if args.quick else 30)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("step_stages: --device cuda requested but no CUDA device is available; skipped")
+    device = workload_setup(args, "step_stages")
+    if device is None:
         return 0
-    if args.threads is None and device.type == "cpu":
-        args.threads = 1
-    cli.set_threads(args.threads)
-    args.models = args.models or (["gpt2"] if device.type == "cuda" else ["mlp", "transformer"])
     print(f"command: {cli.command_line('step_stages', argv)}")
     print(f"torch {torch.__version__}, device {device}, "
           + ("wall time, synchronized" if device.type == "cuda" else f"process CPU time, {torch.get_num_threads()} thread(s)")

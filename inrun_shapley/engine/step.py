@@ -44,7 +44,7 @@ from inrun_shapley.engine.tracked import TrackedModule
 from inrun_shapley.engine.validation import ValidationObjective
 from inrun_shapley.optim.base import OptimizerAdapter, Workspace, fe_mul
 
-__all__ = ["STAGES", "PreStep", "StepPipeline", "stage"]
+__all__ = ["STAGES", "PreStep", "StepPipeline", "amp_scaling", "stage"]
 
 #: The step's stages as named ranges in a profiler trace (``torch.profiler``, Nsight, Kineto):
 #: each runs under ``record_function("inrun_shapley/<stage>")``; ``benchmarks/step_stages.py``
@@ -62,6 +62,18 @@ def stage(name: str):
     if torch.autograd._profiler_enabled():
         return torch.profiler.record_function(f"inrun_shapley/{name}")
     return _NO_RANGE
+
+
+def amp_scaling(optimizer, kwargs: Mapping) -> tuple:
+    """``(grad_scale, found_inf)`` a ``GradScaler`` handed a fused optimizer for this step, or Nones.
+
+    ``GradScaler.step`` sets them as attributes of the optimizer for the length of its ``step()``
+    (torch ≥ 2.1; keyword arguments of ``step`` are read too, for optimizers called that way). The
+    optimizer's kernel divides ``.grad`` by ``grad_scale`` in place while it updates (so ``.grad``
+    is scaled in the pre-hook and unscaled in the post-hook), and skips the update where
+    ``found_inf`` is non-zero."""
+    return (kwargs.get("grad_scale", getattr(optimizer, "grad_scale", None)),
+            kwargs.get("found_inf", getattr(optimizer, "found_inf", None)))
 
 
 @dataclass

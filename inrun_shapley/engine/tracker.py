@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ from inrun_shapley.engine.ids import as_sample_ids, sum_occurrences
 from inrun_shapley.engine import sharding
 from inrun_shapley.engine.scoring import grad_sq_norm, grads_zeroed, world_size
 from inrun_shapley.engine.step_check import StepSumCheck, nonfinite_training_step
-from inrun_shapley.engine.step import PreStep, StepPipeline, stage
+from inrun_shapley.engine.step import PreStep, StepPipeline, amp_scaling, stage
 from inrun_shapley.engine.sinks import close_at_exit, close_sink
 from inrun_shapley.engine.store import InMemoryValues
 from inrun_shapley.engine.options import check_kernels, check_options
@@ -50,17 +50,6 @@ from inrun_shapley.optim import adapter_for, innermost_optimizer
 __all__ = ["ESTIMATORS", "Estimator", "ModuleReport", "ShapleyTracker"]
 
 ESTIMATORS = tuple(e.value for e in Estimator)
-
-
-def amp_scaling(optimizer, kwargs: Mapping) -> tuple:
-    """``(grad_scale, found_inf)`` a ``GradScaler`` handed a fused optimizer for this step, or Nones.
-
-    ``GradScaler.step`` sets them as attributes of the optimizer for the length of its ``step()``
-    (torch ≥ 2.1; keyword arguments of ``step`` are read too, for optimizers called that way): the
-    optimizer then divides ``.grad`` by ``grad_scale`` inside its kernel (``.grad`` stays scaled)
-    and skips the update where ``found_inf`` is non-zero."""
-    return (kwargs.get("grad_scale", getattr(optimizer, "grad_scale", None)),
-            kwargs.get("found_inf", getattr(optimizer, "found_inf", None)))
 
 
 class ShapleyTracker(TrackerResults):

@@ -208,38 +208,49 @@ def test_sampled_validation_batch_uses_the_same_rows_per_step():
     tr.detach()
 
 
-@pytest.mark.parametrize("estimator", ["midpoint", "shapley"])
-def test_grad_scaler_skipped_step_gets_no_value_and_scaling_cancels(estimator):
-    def run(use_scaler):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        g = torch.Generator().manual_seed(1)
-        x, y = torch.randn(12, 4, generator=g), torch.randn(12, 2, generator=g)
-        val = (torch.randn(4, 4, generator=g), torch.randn(4, 2, generator=g))
-        tr = ShapleyTracker(model, opt, val_data=val, val_loss_fn=_mse_rows, estimator=estimator, step_check="raise")
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if use_scaler else None
-        for step, ids in enumerate(torch.arange(12).split(4)):
-            poison = step == 1  # this step's loss is infinite: the scaler must skip it
-            if poison and not use_scaler:
-                continue
-            with tr.batch(ids):
-                loss = F.mse_loss(model(x[ids]), y[ids]) * (float("inf") if poison else 1.0)
-                (scaler.scale(loss) if scaler else loss).backward()
+def _loss_scaled_run(estimator: str, make_opt, *, use_scaler: bool, clip: float | None, device: str = "cpu"):
+    """Three steps of 4 rows; the second one's loss is infinite (a GradScaler must skip it; the run
+    without a scaler leaves it out). ``clip``: unscale (with a scaler) and clip the gradient norm
+    before the step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(device)
+    opt = make_opt(model.parameters())
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 4, generator=g).to(device), torch.randn(12, 2, generator=g).to(device)
+    val = (torch.randn(4, 4, generator=g).to(device), torch.randn(4, 2, generator=g).to(device))
+    tr = ShapleyTracker(model, opt, val_data=val, val_loss_fn=_mse_rows, estimator=estimator, step_check="raise")
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10) if use_scaler else None
+    for step, ids in enumerate(torch.arange(12).split(4)):
+        poison = step == 1
+        if poison and not use_scaler:
+            continue
+        with tr.batch(ids):
+            rows = ids.to(device)
+            loss = F.mse_loss(model(x[rows]), y[rows]) * (float("inf") if poison else 1.0)
+            (scaler.scale(loss) if scaler else loss).backward()
+        if clip is not None:
             if scaler:
                 scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-            if scaler:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            opt.zero_grad()
-        return tr
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad()
+    return tr
 
-    scaled, plain = run(True), run(False)
+
+def _assert_scaling_cancels(make_opt, **kwargs):
+    scaled, plain = (_loss_scaled_run(make_opt=make_opt, use_scaler=s, **kwargs) for s in (True, False))
     assert scaled.counts[4:8].tolist() == [0, 0, 0, 0] and scaled.skipped_steps == 1
+    assert np.abs(plain.values).sum() > 0
     np.testing.assert_allclose(scaled.values, plain.values, rtol=1e-5, atol=1e-10)
+
+
+@pytest.mark.parametrize("estimator", ["midpoint", "shapley"])
+def test_grad_scaler_skipped_step_gets_no_value_and_scaling_cancels(estimator):
+    _assert_scaling_cancels(lambda p: torch.optim.AdamW(p, lr=1e-2), estimator=estimator, clip=0.5)
 
 
 FUSED = {
@@ -253,44 +264,12 @@ CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-@pytest.mark.parametrize("unscale_first", [False, True], ids=["in_kernel", "unscale_then_clip"])
+@pytest.mark.parametrize("clip", [None, 0.05], ids=["in_kernel", "unscale_then_clip"])
 @pytest.mark.parametrize("optimizer", list(FUSED))
 @pytest.mark.parametrize("estimator", ["midpoint", "shapley"])
-def test_fused_optimizer_under_grad_scaler(estimator, optimizer, unscale_first, device):
+def test_fused_optimizer_under_grad_scaler(estimator, optimizer, clip, device):
     """``scaler.step`` hands a fused optimizer ``grad_scale`` and ``found_inf`` as attributes for
     the length of its step; the kernel divides ``.grad`` in place and skips where ``found_inf``.
     Values equal the unscaled run's (to rounding), and the skipped step gets none. With
     ``unscale_`` first (to clip), ``grad_scale`` is None and only ``found_inf`` is handed over."""
-    def run(use_scaler):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(device)
-        opt = FUSED[optimizer](model.parameters())
-        g = torch.Generator().manual_seed(1)
-        x, y = torch.randn(12, 4, generator=g).to(device), torch.randn(12, 2, generator=g).to(device)
-        val = (torch.randn(4, 4, generator=g).to(device), torch.randn(4, 2, generator=g).to(device))
-        tr = ShapleyTracker(model, opt, val_data=val, val_loss_fn=_mse_rows, estimator=estimator, step_check="raise")
-        scaler = torch.amp.GradScaler(device, init_scale=2.0**10) if use_scaler else None
-        for step, ids in enumerate(torch.arange(12).split(4)):
-            poison = step == 1
-            if poison and not use_scaler:
-                continue
-            with tr.batch(ids):
-                rows = ids.to(device)
-                loss = F.mse_loss(model(x[rows]), y[rows]) * (float("inf") if poison else 1.0)
-                (scaler.scale(loss) if scaler else loss).backward()
-            if unscale_first:
-                if scaler:
-                    scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
-            if scaler:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            opt.zero_grad()
-        return tr
-
-    scaled, plain = run(True), run(False)
-    assert scaled.counts[4:8].tolist() == [0, 0, 0, 0] and scaled.skipped_steps == 1
-    assert np.abs(plain.values).sum() > 0
-    np.testing.assert_allclose(scaled.values, plain.values, rtol=1e-5, atol=1e-10)
+    _assert_scaling_cancels(FUSED[optimizer], estimator=estimator, clip=clip, device=device)
