@@ -200,7 +200,7 @@ def test_positions_that_meet_the_batch_row_for_row_are_exact_and_leave_the_op_st
     model = PositionsPerSample("flat").double()
     tokens = torch.randint(0, 11, (4, 7))
     val = (torch.randint(0, 11, (2, 7)),)
-    got, ref, tracker = sgd_values_and_reference(model, _next_token_loss, (tokens,), val)
+    got, ref, _ = sgd_values_and_reference(model, _next_token_loss, (tokens,), val)
     assert oracles.relative_error(got, ref) <= 1e-10, (got, ref)
 
     seen = []
